@@ -1,0 +1,26 @@
+# Fresh-machine entry points (Debian, Python 3.11, no GPU). Both create .venv and install what they need, idempotently.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test lint
+
+# torch/torchvision are pinned to the builds that pip installs offline from this machine kind's wheel cache.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job: the whole DVC pipeline on the embedded digits data, then the comparison table.
+run: setup
+	. $(BIN)/activate && dvc repro && cat outputs/report/report.md
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/pytest -q

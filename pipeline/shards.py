@@ -1,0 +1,219 @@
+"""Image shards: `<split>-NNNNNN.tar` (WebDataset layout: __key__, png, cls) plus one `index.json`."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.errors import GenddError
+from pipeline.sources import Sample, iter_source
+from pipeline.specs import DataSpec
+
+INDEX = "index.json"
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """The shards of one split: file names, sample counts and first global index of each."""
+
+    root: Path
+    split: str
+    names: tuple[str, ...]
+    counts: tuple[int, ...]
+    starts: tuple[int, ...]
+
+    @property
+    def n(self) -> int:
+        """Number of samples in the split."""
+        return sum(self.counts)
+
+    def path(self, i: int) -> Path:
+        """Location of shard i."""
+        return self.root / self.names[i]
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """What `index.json` records: the spec (and its hash) and every split's shards."""
+
+    root: Path
+    spec: dict
+    spec_hash: str
+    shard_size: int
+    max_samples: int | None
+    splits: dict[str, ShardSet]
+
+    def split(self, name: str) -> ShardSet:
+        """One split's shards, or a clear error naming the splits that exist."""
+        if name not in self.splits:
+            raise GenddError(
+                f"{self.root}: no split {name!r} in the shards (have {', '.join(self.splits)}); "
+                "re-run gendd prepare with a spec that defines it"
+            )
+        return self.splits[name]
+
+    @property
+    def labeled(self) -> bool:
+        """Whether the shards carry labels."""
+        return bool(self.spec["labeled"])
+
+
+def _encode(sample: Sample) -> dict:
+    buffer = io.BytesIO()
+    image = sample.image[:, :, 0] if sample.image.shape[2] == 1 else sample.image
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)  # lossless; level 1 keeps prepare fast
+    record = {"__key__": sample.key, "png": buffer.getvalue()}
+    if sample.label >= 0:
+        record["cls"] = str(sample.label).encode()
+    return record
+
+
+def _write_shard(path: Path, samples: list[Sample]) -> None:
+    """Write to a temporary name and rename: a crash never leaves a half shard under the final name."""
+    import webdataset as wds
+
+    tmp = path.with_suffix(".tar.tmp")
+    with open(tmp, "wb") as handle, wds.TarWriter(handle) as writer:
+        for sample in samples:
+            writer.write(_encode(sample))
+    os.replace(tmp, path)
+
+
+def _batched(items: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def _write_split(spec: DataSpec, split: str, root: Path, shard_size: int, max_samples: int | None) -> dict:
+    names, counts, starts, seen = [], [], [], set()
+    samples = islice(iter_source(spec, split), max_samples)
+    with tqdm(desc=f"prepare {split}", unit="img", leave=False) as bar:
+        for i, chunk in enumerate(_batched(samples, shard_size)):
+            name = f"{split}-{i:06d}.tar"
+            for sample in chunk:
+                if sample.key in seen:
+                    raise GenddError(
+                        f"spec {spec.name}: duplicate sample key {sample.key!r} in {split}; keys must be unique"
+                    )
+                seen.add(sample.key)
+            if not (root / name).is_file():  # shards are deterministic: a finished one from a killed run is kept
+                _write_shard(root / name, chunk)
+            names.append(name)
+            starts.append(sum(counts))
+            counts.append(len(chunk))
+            bar.update(len(chunk))
+    if not counts:
+        raise GenddError(f"spec {spec.name}: split {split!r} has no samples; check the source path and spec")
+    return {"shards": names, "counts": counts, "starts": starts, "n": sum(counts)}
+
+
+def load_index(root: str | Path) -> ShardIndex:
+    """Read `index.json` of a shard directory."""
+    root = Path(root)
+    path = root / INDEX
+    if not path.is_file():
+        raise GenddError(f"{path} not found; run `gendd prepare --spec <spec> --out {root}` first")
+    raw = json.loads(path.read_text())
+    splits = {
+        name: ShardSet(root, name, tuple(s["shards"]), tuple(s["counts"]), tuple(s["starts"]))
+        for name, s in raw["splits"].items()
+    }
+    return ShardIndex(root, raw["spec"], raw["spec_hash"], raw["shard_size"], raw["max_samples"], splits)
+
+
+def prepare_shards(
+    spec: DataSpec, out: str | Path, shard_size: int = 1000, max_samples: int | None = None
+) -> tuple[ShardIndex, bool]:
+    """Write every split of `spec` as shards; returns (index, wrote) and writes nothing when already up to date."""
+    if shard_size < 1:
+        raise GenddError(f"shard size must be >= 1, got {shard_size}")
+    root = Path(out)
+    signature = {"spec_hash": spec.spec_hash, "shard_size": shard_size, "max_samples": max_samples}
+    if (root / INDEX).is_file():
+        index = load_index(root)
+        whole = all(s.path(i).is_file() for s in index.splits.values() for i in range(len(s.names)))
+        if whole and (index.spec_hash, index.shard_size, index.max_samples) == tuple(signature.values()):
+            return index, False
+    # The marker says which settings the shards on disk were made with: finished shards of a killed run with the
+    # same settings are kept (they are deterministic), anything else is cleared so no stale shard survives.
+    marker = root / ".prepare.json"
+    if not marker.is_file() or json.loads(marker.read_text()) != signature:
+        for stale in [*root.glob("*.tar"), root / INDEX]:
+            stale.unlink(missing_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(signature))
+    splits = {split: _write_split(spec, split, root, shard_size, max_samples) for split in spec.splits}
+    spec_fields = {k: v for k, v in spec.__dict__.items() if k != "path"}
+    record = {"spec": spec_fields, **signature, "splits": splits}
+    tmp = root / (INDEX + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=list))
+    os.replace(tmp, root / INDEX)  # written last: an index means every shard is whole
+    return load_index(root), True
+
+
+@dataclass(frozen=True)
+class ShardData:
+    """Decoded samples of one or more shards: keys, (N, C, H, W) uint8 images and (N,) int64 labels (-1 = none)."""
+
+    keys: list[str]
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+def read_shard(path: str | Path) -> ShardData:
+    """Decode one whole shard in order; tarfile reads it in one pass (no streaming pipeline needed here)."""
+    keys, images, labels, current = [], [], [], {}
+
+    def flush() -> None:
+        if current:
+            if "png" not in current:
+                raise GenddError(f"{path}: sample {current['key']} has no png; the shard is corrupt, re-run prepare")
+            keys.append(current["key"])
+            images.append(current["png"])
+            labels.append(current.get("cls", -1))
+            current.clear()
+
+    try:
+        with tarfile.open(path, "r") as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                if current and key != current["key"]:
+                    flush()
+                current["key"] = key
+                data = tar.extractfile(member).read()
+                if ext == "png":
+                    current["png"] = np.asarray(Image.open(io.BytesIO(data)))
+                elif ext == "cls":
+                    current["cls"] = int(data)
+            flush()
+    except (tarfile.TarError, OSError, ValueError) as err:
+        raise GenddError(f"{path}: unreadable shard ({err}); delete it and re-run gendd prepare") from err
+    array = np.stack(images)
+    array = array[:, None] if array.ndim == 3 else array.transpose(0, 3, 1, 2)  # -> (N, C, H, W)
+    return ShardData(keys, torch.from_numpy(np.ascontiguousarray(array)), torch.tensor(labels, dtype=torch.int64))
+
+
+def load_split(shards: ShardSet) -> ShardData:
+    """Every shard of a split, concatenated in global order (small datasets are held whole in memory)."""
+    parts = [read_shard(shards.path(i)) for i in range(len(shards.names))]
+    for i, part in enumerate(parts):
+        if len(part.keys) != shards.counts[i]:
+            raise GenddError(
+                f"{shards.path(i)}: {len(part.keys)} samples, index says {shards.counts[i]}; "
+                "the shard is truncated, delete it and re-run gendd prepare"
+            )
+    return ShardData(
+        [k for p in parts for k in p.keys], torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts])
+    )

@@ -1,0 +1,111 @@
+"""Augmentation views: a crop box in normalised coordinates plus a flip bit, replayed identically everywhere.
+
+View 0 is the identity. Views 1..K-1 come from a policy and a counter-based generator keyed only by
+(seed, sample key, view index), so they never depend on workers, ranks, epochs or resume points.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torchvision.ops import roi_align
+
+from pipeline.errors import GenddError
+
+POLICIES = ("rrc", "pad_crop", "flip", "none")
+IDENTITY = (0.0, 0.0, 1.0, 1.0, 0.0)
+
+
+@dataclass(frozen=True)
+class ViewPolicy:
+    """How views 1..K-1 are drawn: random-resized-crop (`rrc`), pad-and-crop, flip only, or none (identity)."""
+
+    kind: str = "rrc"
+    scale: tuple[float, float] = (0.35, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    pad: int = 2  # pad_crop: pixels of (zero) padding on each side, as in CIFAR's pad-4-crop-32
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in POLICIES:
+            raise GenddError(f"view policy {self.kind!r} is unknown; choose one of {', '.join(POLICIES)}")
+        if not (0 < self.scale[0] <= self.scale[1] <= 1 and 0 < self.ratio[0] <= self.ratio[1]):
+            raise GenddError(f"view policy scale {self.scale} / ratio {self.ratio} out of range (0 < lo <= hi)")
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form, stored in caches so readers can check they replay the same policy."""
+        return {**asdict(self), "scale": list(self.scale), "ratio": list(self.ratio)}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> ViewPolicy:
+        """Inverse of `to_dict`."""
+        return cls(
+            **{**raw, "scale": tuple(raw.get("scale", (0.35, 1.0))), "ratio": tuple(raw.get("ratio", (0.75, 4 / 3)))}
+        )
+
+
+def _uniforms(seed: int, key: str, view: int) -> np.ndarray:
+    """Eight uniforms in [0, 1) from a hash of (seed, key, view): a counter-based generator with no state to share."""
+    digest = hashlib.blake2b(f"{seed}\x1f{key}\x1f{view}".encode(), digest_size=32).digest()
+    return np.frombuffer(digest, dtype="<u4").astype(np.float64) / 2.0**32
+
+
+def _draw(policy: ViewPolicy, u: np.ndarray, image_size: int) -> tuple[float, float, float, float, float]:
+    flip = float(policy.flip and u[0] < 0.5)
+    if policy.kind == "rrc":
+        area = policy.scale[0] + (policy.scale[1] - policy.scale[0]) * u[1]
+        log_lo, log_hi = math.log(policy.ratio[0]), math.log(policy.ratio[1])
+        aspect = math.exp(log_lo + (log_hi - log_lo) * u[2])
+        w, h = min(1.0, math.sqrt(area * aspect)), min(1.0, math.sqrt(area / aspect))
+        x0, y0 = (1.0 - w) * u[3], (1.0 - h) * u[4]
+        return (x0, y0, x0 + w, y0 + h, flip)
+    if policy.kind == "pad_crop":
+        # whole-pixel shifts keep the crop exact (no interpolation); outside the image reads as zero padding
+        dx = (math.floor(u[1] * (2 * policy.pad + 1)) - policy.pad) / image_size
+        dy = (math.floor(u[2] * (2 * policy.pad + 1)) - policy.pad) / image_size
+        return (dx, dy, 1.0 + dx, 1.0 + dy, flip)
+    if policy.kind == "flip":
+        return (*IDENTITY[:4], flip)
+    return IDENTITY
+
+
+def sample_views(keys: Sequence[str], num_views: int, policy: ViewPolicy, seed: int, image_size: int) -> np.ndarray:
+    """(N, K, 5) float32 views for the given sample keys; view 0 is always the identity."""
+    if num_views < 1:
+        raise GenddError(f"the number of views must be >= 1 (view 0 is the plain image), got {num_views}")
+    out = np.empty((len(keys), num_views, 5), dtype=np.float32)
+    for i, key in enumerate(keys):
+        out[i, 0] = IDENTITY
+        for k in range(1, num_views):
+            out[i, k] = _draw(policy, _uniforms(seed, key, k), image_size)
+    return out
+
+
+def apply_views(
+    images: torch.Tensor,
+    views: torch.Tensor,
+    out_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> torch.Tensor:
+    """Crop, resize, flip and normalise a uint8 batch (B, C, H, W) by its views (B, 5) on the images' device.
+
+    roi_align with aligned=True samples bin centres exactly as bilinear resizing (align_corners=False) does,
+    and averages several samples per bin when a crop shrinks, so one call serves every crop in the batch.
+    """
+    b, c, h, w = images.shape
+    views = views.to(device=images.device, dtype=torch.float32)
+    scale = torch.tensor([w, h, w, h], device=images.device, dtype=torch.float32)
+    index = torch.arange(b, device=images.device, dtype=torch.float32)[:, None]
+    boxes = torch.cat([index, views[:, :4] * scale], dim=1)  # (B, 5): batch index, x0, y0, x1, y1 in pixels
+    crops = roi_align(images.float(), boxes, output_size=(out_size, out_size), sampling_ratio=0, aligned=True)
+    flip = views[:, 4].bool()[:, None, None, None]
+    crops = torch.where(flip, crops.flip(-1), crops)  # (B, C, S, S)
+    mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, c, 1, 1) * 255.0
+    std_t = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, c, 1, 1) * 255.0
+    return (crops - mean_t) / std_t

@@ -1,0 +1,94 @@
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.errors import GenddError
+from pipeline.shards import load_index, load_split, prepare_shards, read_shard
+from pipeline.sources import iter_source, long_tail_indices
+from pipeline.specs import load_spec
+
+from .conftest import DIGITS_SPEC, ROOT
+
+
+def test_round_trip_keys_labels_pixels(digits_shards) -> None:
+    spec = load_spec(DIGITS_SPEC)
+    for split in ("train", "val"):
+        data = load_split(digits_shards.split(split))
+        source = [s for _, s in zip(range(200), iter_source(spec, split), strict=False)]
+        assert data.keys == [s.key for s in source]
+        assert data.labels.tolist() == [s.label for s in source]
+        pixels = np.stack([s.image.transpose(2, 0, 1) for s in source])
+        assert np.array_equal(data.images.numpy(), pixels)
+        assert len(set(data.keys)) == len(data.keys)
+
+
+def test_index_records_shards_counts_starts(digits_shards) -> None:
+    train = digits_shards.split("train")
+    assert train.counts == (64, 64, 64, 8)
+    assert train.starts == (0, 64, 128, 192)
+    assert digits_shards.spec_hash == load_spec(DIGITS_SPEC).spec_hash
+    with pytest.raises(GenddError, match="no split 'test'"):
+        digits_shards.split("test")
+
+
+def test_rerun_rewrites_nothing(tmp_path: Path) -> None:
+    spec = load_spec(DIGITS_SPEC)
+    prepare_shards(spec, tmp_path, shard_size=50, max_samples=120)
+    stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    _, wrote = prepare_shards(spec, tmp_path, shard_size=50, max_samples=120)
+    assert not wrote
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+
+
+def test_interrupted_prepare_finishes_and_other_settings_rewrite(tmp_path: Path) -> None:
+    spec = load_spec(DIGITS_SPEC)
+    prepare_shards(spec, tmp_path, shard_size=50, max_samples=120)
+    (tmp_path / "index.json").unlink()
+    (tmp_path / "train-000001.tar").unlink()  # as if killed before this shard and the index were written
+    kept = (tmp_path / "train-000000.tar").stat().st_mtime_ns
+    index, wrote = prepare_shards(spec, tmp_path, shard_size=50, max_samples=120)
+    assert wrote and (tmp_path / "train-000001.tar").is_file()
+    assert (tmp_path / "train-000000.tar").stat().st_mtime_ns == kept
+    index, _ = prepare_shards(spec, tmp_path, shard_size=40, max_samples=120)
+    assert index.split("train").counts == (40, 40, 40)
+    assert not (tmp_path / "train-000000.tar.tmp").exists()
+
+
+def test_corrupt_and_truncated_shards_give_one_line(tmp_path: Path, digits_shards) -> None:
+    bad = tmp_path / "train-000000.tar"
+    bad.write_bytes(digits_shards.split("train").path(0).read_bytes()[:3000])
+    with pytest.raises(GenddError, match="delete it and re-run gendd prepare") as info:
+        read_shard(bad)
+    assert "\n" not in str(info.value)
+    with pytest.raises(GenddError, match="run `gendd prepare"):
+        load_index(tmp_path / "missing")
+
+
+def _idx_file(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_idx_source_and_long_tail(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 30)
+    _idx_file(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (300, 28, 28)))
+    _idx_file(tmp_path / "train-labels-idx1-ubyte.gz", labels)
+    _idx_file(tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (300, 28, 28)))
+    _idx_file(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
+    spec = load_spec(ROOT / "data_specs" / "fashion_mnist_lt.yaml", source_path=str(tmp_path))
+    train = np.array([s.label for s in iter_source(spec, "train")])
+    counts = np.bincount(train, minlength=10)
+    assert counts[0] == 30 and counts[-1] == int(30 / 100) and np.all(np.diff(counts) <= 0)
+    assert np.bincount([s.label for s in iter_source(spec, "val")]).tolist() == [30] * 10
+    assert len(long_tail_indices(labels, 10, 1.0)) == 300
+
+
+def test_missing_idx_files_say_how_to_get_them(tmp_path: Path) -> None:
+    spec = load_spec(ROOT / "data_specs" / "fashion_mnist.yaml", source_path=str(tmp_path))
+    with pytest.raises(GenddError, match="dataset-fashion-mnist"):
+        next(iter_source(spec, "train"))
