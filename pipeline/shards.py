@@ -170,11 +170,12 @@ class ShardData:
     keys: list[str]
     images: torch.Tensor
     labels: torch.Tensor
+    png: list[bytes] | None = None  # the encoded images, kept when a writer re-packs them (WebDataset caches)
 
 
-def read_shard(path: str | Path) -> ShardData:
+def read_shard(path: str | Path, keep_png: bool = False) -> ShardData:
     """Decode one whole shard in order; tarfile reads it in one pass (no streaming pipeline needed here)."""
-    keys, images, labels, current = [], [], [], {}
+    keys, images, labels, raw, current = [], [], [], [], {}
 
     def flush() -> None:
         if current:
@@ -195,6 +196,8 @@ def read_shard(path: str | Path) -> ShardData:
                 data = tar.extractfile(member).read()
                 if ext == "png":
                     current["png"] = np.asarray(Image.open(io.BytesIO(data)))
+                    if keep_png:
+                        raw.append(data)
                 elif ext == "cls":
                     current["cls"] = int(data)
             flush()
@@ -202,7 +205,25 @@ def read_shard(path: str | Path) -> ShardData:
         raise GenddError(f"{path}: unreadable shard ({err}); delete it and re-run gendd prepare") from err
     array = np.stack(images)
     array = array[:, None] if array.ndim == 3 else array.transpose(0, 3, 1, 2)  # -> (N, C, H, W)
-    return ShardData(keys, torch.from_numpy(np.ascontiguousarray(array)), torch.tensor(labels, dtype=torch.int64))
+    labels_t = torch.tensor(labels, dtype=torch.int64)
+    return ShardData(keys, torch.from_numpy(np.ascontiguousarray(array)), labels_t, raw if keep_png else None)
+
+
+def read_shard_labels(path: str | Path) -> tuple[list[str], list[int]]:
+    """Keys and labels of a shard without decoding its images (cheap: stores are sized from this)."""
+    keys, labels = [], []
+    try:
+        with tarfile.open(path, "r") as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                if not keys or keys[-1] != key:
+                    keys.append(key)
+                    labels.append(-1)
+                if ext == "cls":
+                    labels[-1] = int(tar.extractfile(member).read())
+    except (tarfile.TarError, OSError, ValueError) as err:
+        raise GenddError(f"{path}: unreadable shard ({err}); delete it and re-run gendd prepare") from err
+    return keys, labels
 
 
 def load_split(shards: ShardSet) -> ShardData:

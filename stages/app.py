@@ -7,7 +7,7 @@ import sys
 import typer
 
 from pipeline.errors import GenddError
-from stages import prepare
+from stages import cache, extract, prepare, teacher
 
 app = typer.Typer(
     help="GenDD distillation with an offline teacher: prepare -> teacher -> extract -> distill -> evaluate -> report.",
@@ -23,6 +23,9 @@ def _root() -> None:
 
 
 app.command("prepare")(prepare.command)
+app.command("teacher")(teacher.command)
+app.command("extract")(extract.command)
+app.add_typer(cache.app, name="cache")
 
 
 def main() -> None:

@@ -1,0 +1,212 @@
+"""Extraction: the frozen teacher over every sample and K replayed views, written chunk by chunk into the cache.
+
+One chunk = one image shard. Chunks already done are skipped (resume), ranks fill disjoint chunks (accelerate),
+the next shard is decoded and the previous chunk compressed on side threads while the teacher runs.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.errors import GenddError
+from pipeline.models import features, linear_head, load_card, load_model
+from pipeline.shards import ShardSet, load_index, read_shard, read_shard_labels
+from pipeline.store import CacheMeta, FeatureCacheWriter, open_cache
+from pipeline.views import ViewPolicy, apply_views, sample_views
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """What to extract, with which teacher, views and storage."""
+
+    shards: Path
+    teacher: Path
+    out: Path
+    splits: tuple[str, ...] = ("train", "val")
+    num_views: int = 8
+    eval_views: int = 1  # views cached for splits other than train (the identity is enough to evaluate)
+    policy: ViewPolicy = field(default_factory=ViewPolicy)
+    seed: int = 0
+    batch_size: int = 512
+    codec: str = "zstd"
+    fmt: str = "zarr"
+    mixed_precision: str = "no"
+    cpu: bool = False
+
+
+def teacher_fingerprint(teacher_dir: Path) -> dict:
+    """The teacher entry of a cache's attributes, from the teacher card."""
+    card = load_card(teacher_dir, "teacher")
+    keys = ("name", "feature_dim", "num_classes", "input_size", "mean", "std", "in_chans", "small_stem")
+    return {"checkpoint_sha256": card["sha256"], **{k: card[k] for k in keys}}
+
+
+class TeacherRunner:
+    """The frozen teacher on a device: uint8 images + views -> (features, logits) in float32."""
+
+    def __init__(self, teacher_dir: Path, device: torch.device, autocast_dtype: torch.dtype | None) -> None:
+        model, self.card = load_model(teacher_dir, "teacher")
+        self.model: nn.Module = model.to(device).eval().requires_grad_(False)
+        head = linear_head(self.model)
+        self.weight, self.bias = head.weight.detach().float(), head.bias.detach().float()
+        self.device, self.autocast_dtype = device, autocast_dtype
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher outputs of images (B, C, H, W) uint8 seen through views (B, 5); the head maps features to logits."""
+        x = apply_views(
+            images.to(self.device, non_blocking=True),
+            views,
+            self.card["input_size"],
+            self.card["mean"],
+            self.card["std"],
+        )
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            feats = features(self.model, x).float()  # (B, D_T)
+        return feats, feats @ self.weight.T + self.bias  # logits exactly as the stored head computes them
+
+
+def _split_keys(shards: ShardSet) -> tuple[list[str], np.ndarray]:
+    keys, labels = [], []
+    for i in range(len(shards.names)):
+        k, y = read_shard_labels(shards.path(i))
+        keys += k
+        labels += y
+    return keys, np.asarray(labels, dtype=np.int32)
+
+
+def _run_chunk(runner: TeacherRunner, images: torch.Tensor, views: np.ndarray, batch: int) -> tuple[np.ndarray, ...]:
+    """Teacher outputs for every (sample, view) of a chunk, batched over flattened pairs."""
+    n, k = views.shape[:2]
+    flat_views = torch.from_numpy(views.reshape(n * k, 5)).to(runner.device)
+    rows = torch.arange(n * k) // k  # pair p -> sample p // K
+    feats, logits = [], []
+    for start in range(0, n * k, batch):
+        f, z = runner(images[rows[start : start + batch]], flat_views[start : start + batch])
+        feats.append(f)
+        logits.append(z)
+    f_all = torch.cat(feats).view(n, k, -1).cpu().numpy()
+    z_all = torch.cat(logits).view(n, k, -1).cpu().numpy()
+    return f_all, z_all
+
+
+def _meta(cfg: ExtractConfig, index, split: str, n: int, k: int) -> CacheMeta:
+    dataset = {"name": index.spec["name"], "spec_hash": index.spec_hash, "split": split, "n": n}
+    views = {"K": k, "policy": cfg.policy.to_dict(), "seed": cfg.seed}
+    return CacheMeta(teacher=teacher_fingerprint(cfg.teacher), dataset=dataset, views=views, codec=cfg.codec)
+
+
+def extract_split(cfg: ExtractConfig, split: str, runner: TeacherRunner, rank: int = 0, world: int = 1) -> dict:
+    """Fill this rank's missing chunks of one split; returns counts and throughput."""
+    index = load_index(cfg.shards)
+    shards = index.split(split)
+    if index.spec_hash != runner.card.get("extra", {}).get("spec_hash", index.spec_hash):
+        print(
+            f"note: teacher was trained on data spec {runner.card['extra']['spec_hash']}, extracting {index.spec_hash}"
+        )
+    k = cfg.num_views if split == "train" else cfg.eval_views
+    keys, labels = _split_keys(shards)
+    writer = FeatureCacheWriter.open(
+        cfg.out,
+        split,
+        _meta(cfg, index, split, len(keys), k),
+        chunk_size=index.shard_size,
+        keys=keys,
+        labels=labels,
+        head_weight=runner.weight.cpu().numpy(),
+        head_bias=runner.bias.cpu().numpy(),
+        fmt=cfg.fmt,
+    )
+    todo = writer.pending_chunks(rank, world)
+    size = int(index.spec["image_size"])
+    started, pairs = time.perf_counter(), 0
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as saver:
+        keep_png = cfg.fmt == "webdataset"
+        next_data = reader.submit(read_shard, shards.path(todo[0]), keep_png) if todo else None
+        pending_write = None
+        bar = tqdm(
+            total=sum(shards.counts[i] for i in todo) * k,
+            desc=f"extract {split}",
+            unit="view",
+            leave=False,
+            disable=rank != 0,
+        )
+        for pos, i in enumerate(todo):
+            data = next_data.result()
+            if pos + 1 < len(todo):  # decode the next shard while the teacher works on this one
+                next_data = reader.submit(read_shard, shards.path(todo[pos + 1]), keep_png)
+            if data.keys != keys[shards.starts[i] : shards.starts[i] + shards.counts[i]]:
+                raise GenddError(f"{shards.path(i)} changed since the cache was started; delete {cfg.out} and re-run")
+            views = sample_views(data.keys, k, cfg.policy, cfg.seed, size)
+            feats, logits = _run_chunk(runner, data.images, views, cfg.batch_size)
+            if pending_write is not None:
+                pending_write.result()  # surface write errors, keep at most one chunk in flight
+            pending_write = saver.submit(writer.write_chunk, i, feats, logits, views, data.png)
+            pairs += len(data.keys) * k
+            bar.update(len(data.keys) * k)
+            bar.set_postfix(views_per_s=f"{pairs / (time.perf_counter() - started):.0f}")
+        if pending_write is not None:
+            pending_write.result()
+        bar.close()
+    seconds = time.perf_counter() - started
+    return {
+        "split": split,
+        "n": len(keys),
+        "K": k,
+        "chunks_written": len(todo),
+        "views": pairs,
+        "seconds": seconds,
+        "views_per_s": pairs / seconds if seconds > 0 else 0.0,
+        "writer": writer,
+    }
+
+
+def extract(cfg: ExtractConfig) -> list[dict]:
+    """Extract every requested split (resumable, multi-process under `accelerate launch`); marks stores complete."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    runner = TeacherRunner(cfg.teacher, accelerator.device, dtypes.get(cfg.mixed_precision))
+    results = []
+    for split in cfg.splits:
+        result = extract_split(cfg, split, runner, accelerator.process_index, accelerator.num_processes)
+        accelerator.wait_for_everyone()
+        writer = result.pop("writer")
+        result["complete"] = writer.finalize() if accelerator.is_main_process else None
+        results.append(result)
+    return results
+
+
+def verify_cache(cache: Path, split: str, teacher: Path, shards: Path, samples: int = 32, seed: int = 0) -> dict:
+    """Recompute random (sample, view) pairs with the teacher and compare with the cache (max abs / min cosine)."""
+    store = open_cache(cache, split, teacher_sha256=teacher_fingerprint(teacher)["checkpoint_sha256"])
+    runner = TeacherRunner(teacher, torch.device("cpu"), None)
+    index = load_index(shards)
+    rng = np.random.default_rng(seed)
+    picks = np.sort(rng.choice(store.n, size=min(samples, store.n), replace=False))
+    view_of = rng.integers(0, store.K, size=len(picks))
+    cached = store.read(picks)
+    shard_set = index.split(split)
+    images = []
+    for p in picks:
+        shard = int(np.searchsorted(shard_set.starts, p, side="right") - 1)
+        images.append(read_shard(shard_set.path(shard)).images[p - shard_set.starts[shard]])
+    views = torch.from_numpy(cached["views"][np.arange(len(picks)), view_of])
+    feats, _ = runner(torch.stack(images), views)
+    stored = torch.from_numpy(cached["features"][np.arange(len(picks)), view_of])
+    cosine = torch.nn.functional.cosine_similarity(feats, stored, dim=1)
+    return {
+        "pairs": len(picks),
+        "max_abs_error": float((feats - stored).abs().max()),
+        "min_cosine": float(cosine.min()),
+        "feature_scale": float(feats.abs().max()),
+    }

@@ -1,0 +1,85 @@
+"""The teacher: a timm model trained here with cross-entropy, or taken from a local checkpoint / timm weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import GenddError
+from pipeline.evaluate import predict, topk_accuracy
+from pipeline.models import ModelCard, create_model, feature_dim, save_model
+from pipeline.objectives import ObjectiveConfig
+from pipeline.shards import load_index, load_split
+from pipeline.train import Student, TrainConfig, load_train_data, train
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Where the data is, which timm model, and whether to train it or load weights."""
+
+    shards: Path
+    out: Path
+    train: TrainConfig
+    checkpoint: Path | None = None
+    pretrained: bool = False
+
+
+def _load_weights(model: torch.nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise GenddError(f"teacher checkpoint {path} not found; pass an existing .safetensors or .pt file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise GenddError(f"{path} does not fit the teacher model: {str(err).splitlines()[0]}") from err
+
+
+def _val_top1(student: Student, shards: Path, input_size: int, mean: tuple, std: tuple) -> float | None:
+    index = load_index(shards)
+    if "val" not in index.splits or not index.labeled:
+        return None
+    val = load_split(index.split("val"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    logits = predict(student, val.images, input_size, mean, std, device=device)["probe"]
+    return topk_accuracy(logits, val.labels, 1)
+
+
+def make_teacher(cfg: TeacherConfig) -> dict:
+    """Train (or load) the teacher and save `teacher.safetensors` + `teacher.json`; returns the card."""
+    index = load_index(cfg.shards)
+    spec = index.spec
+    size = cfg.train.input_size or int(spec["image_size"])
+    tcfg = replace(cfg.train, method="ce", objective=ObjectiveConfig("ce"), warmstart_epochs=0, input_size=size)
+    if cfg.checkpoint is not None or cfg.pretrained:
+        net = create_model(tcfg.model, spec["num_classes"], spec["channels"], tcfg.small_stem, cfg.pretrained)
+        if cfg.checkpoint is not None:
+            _load_weights(net, cfg.checkpoint)
+        student, history = Student(net, None, None), []
+    else:
+        if not index.labeled:
+            raise GenddError("training a teacher needs labels; pass --checkpoint with a trained teacher instead")
+        data = load_train_data(cfg.shards, None)
+        student, history = train(tcfg, data, cfg.out / "work", size)
+    mean, std = tuple(spec["mean"]), tuple(spec["std"])
+    top1 = _val_top1(student, cfg.shards, size, mean, std)
+    card = ModelCard(
+        tcfg.model,
+        spec["num_classes"],
+        spec["channels"],
+        tcfg.small_stem,
+        size,
+        mean,
+        std,
+        feature_dim(student.net, spec["channels"], size),
+        extra={"val_top1": top1, "spec_hash": index.spec_hash, "history": history},
+    )
+    save_model(student.net, card, cfg.out, "teacher")
+    return card.__dict__

@@ -1,0 +1,312 @@
+"""Training loop for students (and the teacher): in-memory batches, replayed views, accelerate, resumable epochs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.errors import GenddError
+from pipeline.head import GenerativeHead, HeadConfig
+from pipeline.models import create_model, feature_dim, features
+from pipeline.objectives import SUPERVISED, USES_HEAD, ObjectiveConfig, compute_objective, warmstart_loss
+from pipeline.shards import ShardData, load_index, load_split
+from pipeline.views import ViewPolicy, apply_views, sample_views
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines one training run (its hash guards resumption)."""
+
+    model: str = "resnet10t"
+    small_stem: bool = True
+    method: str = "gendd"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    beta2_start: float = 0.95
+    beta2_end: float = 0.999
+    warmstart_epochs: int = 0
+    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig("gendd"))
+    head_token_dim: int = 64
+    head_width: int = 1024
+    head_depth: int = 3
+    diffusion_batch_mul: int = 4
+    cond_dropout: float = 0.2
+    input_size: int | None = None  # default: the teacher's input size (or the images' size)
+    policy: ViewPolicy = field(default_factory=ViewPolicy)  # augmentation when training without a cache
+    seed: int = 0
+    mixed_precision: str = "no"
+    cpu: bool = False
+
+    def fingerprint(self) -> str:
+        """Stable text of the settings, stored in checkpoints."""
+        return json.dumps(asdict(self), sort_keys=True, default=str)
+
+
+@dataclass
+class TrainData:
+    """What one epoch draws from: uint8 images, labels, and cached teacher outputs per (sample, view) if any."""
+
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) int64, -1 = none
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    views: torch.Tensor | None = None  # (N, K, 5) cached views; None -> fresh views from the policy each epoch
+    features: torch.Tensor | None = None  # (N, K, D_T)
+    logits: torch.Tensor | None = None  # (N, K, C)
+    head_weight: torch.Tensor | None = None  # (C, D_T): class centres of Distribution Contraction
+    head_bias: torch.Tensor | None = None
+    keys: list[str] = field(default_factory=list)
+
+
+def load_train_data(shards: str | Path, cache: str | Path | None, split: str = "train") -> TrainData:
+    """Shards of a split held in memory, joined with the feature cache when one is given."""
+    from pipeline.store import open_cache
+
+    index = load_index(shards)
+    data: ShardData = load_split(index.split(split))
+    out = TrainData(data.images, data.labels, tuple(index.spec["mean"]), tuple(index.spec["std"]), keys=data.keys)
+    if cache is None:
+        return out
+    store = open_cache(cache, split, spec_hash=index.spec_hash)
+    if store.keys != data.keys:
+        raise GenddError(f"cache {cache} was extracted from other samples than {shards}; re-run gendd extract")
+    arrays = store.load_all()
+    out.views = torch.from_numpy(arrays["views"])
+    out.features = torch.from_numpy(arrays["features"])
+    out.logits = torch.from_numpy(arrays["logits"])
+    out.head_weight = torch.from_numpy(np.asarray(store.head_weight, dtype=np.float32))
+    out.head_bias = torch.from_numpy(np.asarray(store.head_bias, dtype=np.float32))
+    return out
+
+
+class Student(nn.Module):
+    """A timm network (its own classifier is the linear probe), plus the generative head and warm-start projection."""
+
+    def __init__(self, net: nn.Module, head: GenerativeHead | None, proj: nn.Module | None) -> None:
+        super().__init__()
+        self.net, self.head, self.proj = net, head, proj
+
+    def forward(
+        self, x: torch.Tensor, batch: dict, objective: ObjectiveConfig, warm: bool
+    ) -> tuple[torch.Tensor, dict]:
+        """Loss of one batch; everything runs inside forward so DDP sees every parameter it trains."""
+        feats = features(self.net, x)  # (B, D_S)
+        if warm:
+            loss = warmstart_loss(feats, self.proj, batch["head_weight"], batch["head_bias"], batch["labels"])
+            return loss, {"loss": loss.detach(), "warmstart_ce": loss.detach()}
+        return compute_objective(
+            objective,
+            feats=feats,
+            classifier=self.net.get_classifier(),
+            head=self.head,
+            teacher_features=batch.get("teacher_features"),
+            teacher_logits=batch.get("teacher_logits"),
+            labels=batch.get("labels"),
+            centres=batch.get("head_weight"),
+        )
+
+
+def build_student(cfg: TrainConfig, data: TrainData, input_size: int) -> Student:
+    """The student network with the modules its method needs."""
+    num_classes = 0 if data.head_weight is None else data.head_weight.shape[0]
+    num_classes = num_classes or int(data.labels.max()) + 1
+    net = create_model(cfg.model, num_classes, data.images.shape[1], cfg.small_stem)
+    d_s = feature_dim(net, data.images.shape[1], input_size)
+    head = proj = None
+    if cfg.method in USES_HEAD or cfg.warmstart_epochs:
+        if data.features is None:
+            raise GenddError(f"method {cfg.method} (or a warm start) needs a teacher feature cache: pass --cache")
+        d_t = data.features.shape[-1]
+        if cfg.method in USES_HEAD:
+            head_cfg = HeadConfig(
+                d_t,
+                d_s,
+                cfg.head_token_dim,
+                cfg.head_width,
+                cfg.head_depth,
+                diffusion_batch_mul=cfg.diffusion_batch_mul,
+                cond_dropout=cfg.cond_dropout,
+            )
+            head = GenerativeHead(head_cfg)
+        if cfg.warmstart_epochs:
+            proj = nn.Linear(d_s, d_t)
+    return Student(net, head, proj)
+
+
+def check_data_serves(cfg: TrainConfig, data: TrainData) -> None:
+    """Refuse, in one line, a data/cache combination the method cannot use."""
+    labeled = bool((data.labels >= 0).all())
+    if cfg.method in SUPERVISED and not labeled:
+        raise GenddError(f"method {cfg.method} needs labels but the data has none; use kl or gendd_unsup")
+    if cfg.method != "ce" and data.features is None:
+        raise GenddError(f"method {cfg.method} needs the teacher feature cache: pass --cache (run gendd extract)")
+    if data.features is not None and data.views is None:
+        raise GenddError("the cache holds no views to replay; re-run gendd extract")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Official grouping: decay on weight matrices of the backbone; none on the head, norms and biases."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if name.startswith("head.") or param.ndim <= 1 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def schedule(step: int, total: int, warmup: int, cfg: TrainConfig) -> tuple[float, float]:
+    """(lr, beta2) at a step: linear warm-up then cosine decay; beta2 ramps 0.95 -> 0.999 along a cosine."""
+    progress = step / max(total, 1)
+    lr = (
+        cfg.lr * (step + 1) / warmup
+        if step < warmup
+        else cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+    )
+    beta2 = cfg.beta2_end - (cfg.beta2_end - cfg.beta2_start) * 0.5 * (1 + math.cos(math.pi * progress))
+    return lr, beta2
+
+
+def epoch_plan(
+    cfg: TrainConfig, data: TrainData, epoch: int, rank: int, world: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's sample order and the view index per sample for one epoch, from (seed, epoch) only."""
+    n = len(data.labels)
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=gen)
+    k = data.views.shape[1] if data.views is not None else 1
+    view_index = torch.randint(k, (n,), generator=gen)
+    usable = (n // world) * world  # every rank gets the same number of steps
+    return order[:usable][rank::world], view_index
+
+
+def epoch_views(cfg: TrainConfig, data: TrainData, epoch: int, view_index: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, 5) views for an epoch: the cached view picked per sample, or fresh policy draws without a cache."""
+    if data.views is not None:
+        return data.views[torch.arange(len(view_index)), view_index]
+    fresh = sample_views(data.keys, 2, cfg.policy, seed=cfg.seed * 100_003 + epoch, image_size=size)
+    return torch.from_numpy(fresh[:, 1])
+
+
+def _batch(data: TrainData, idx: torch.Tensor, view_index: torch.Tensor, device: torch.device) -> dict:
+    """Targets of a batch on the device: labels and the cached teacher outputs of the chosen views."""
+    batch: dict = {"head_weight": data.head_weight, "head_bias": data.head_bias}
+    if bool((data.labels[idx] >= 0).all()):
+        batch["labels"] = data.labels[idx]
+    if data.features is not None:
+        batch["teacher_features"] = data.features[idx, view_index[idx]].float()
+        batch["teacher_logits"] = data.logits[idx, view_index[idx]].float()
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if v is not None}
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a kill mid-save leaves the previous epoch's checkpoint intact
+
+
+def _load_checkpoint(path: Path, cfg: TrainConfig, resume: bool) -> dict | None:
+    if not resume or not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["fingerprint"] != cfg.fingerprint():
+        raise GenddError(f"{path} was written with other settings; delete it (or the output dir) or pass --no-resume")
+    return state
+
+
+def train(
+    cfg: TrainConfig,
+    data: TrainData,
+    out: str | Path,
+    input_size: int,
+    evaluate_fn=None,
+    resume: bool = True,
+) -> tuple[Student, list[dict]]:
+    """Train for cfg.epochs (+ warm start), checkpointing every epoch; returns the student and per-epoch history."""
+    from accelerate import Accelerator
+
+    check_data_serves(cfg, data)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
+    torch.manual_seed(cfg.seed)
+    model = build_student(cfg, data, input_size)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2_start))
+    ckpt_path = out / "checkpoint.pt"
+    state = _load_checkpoint(ckpt_path, cfg, resume)
+    start, history = 0, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = state["epoch"] + 1, state["history"]
+        accelerator.print(f"resuming {out} from epoch {start}")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    images = data.images.to(device)  # small datasets live on the device whole; batches are index gathers
+    total_epochs = cfg.warmstart_epochs + cfg.epochs
+    per_rank = len(data.labels) // world
+    steps_per_epoch = math.ceil(per_rank / cfg.batch_size)
+    total_steps, warmup = total_epochs * steps_per_epoch, max(1, int(cfg.warmup_epochs * steps_per_epoch))
+    for epoch in range(start, total_epochs):
+        model.train()
+        order, view_index = epoch_plan(cfg, data, epoch, rank, world)
+        views = epoch_views(cfg, data, epoch, view_index, images.shape[-1])
+        warm = epoch < cfg.warmstart_epochs
+        sums: dict[str, torch.Tensor] = {}
+        started = time.perf_counter()
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"{cfg.method} epoch {epoch + 1}/{total_epochs}",
+            leave=False,
+            disable=not accelerator.is_local_main_process,
+        )
+        for step_in_epoch in bar:
+            idx = order[step_in_epoch * cfg.batch_size : (step_in_epoch + 1) * cfg.batch_size]
+            lr, beta2 = schedule(epoch * steps_per_epoch + step_in_epoch, total_steps, warmup, cfg)
+            for group in optimizer.param_groups:
+                group["lr"], group["betas"] = lr, (0.9, beta2)
+            x = apply_views(images[idx.to(device)], views[idx].to(device), input_size, data.mean, data.std)
+            with accelerator.autocast():
+                loss, logs = model(x, _batch(data, idx, view_index, device), cfg.objective, warm)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            for key, value in logs.items():  # summed on the device: no host sync per step
+                sums[key] = sums.get(key, 0.0) + torch.as_tensor(value).detach().float()
+        seconds = time.perf_counter() - started
+        record = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "seconds": seconds,
+            "images_per_s": per_rank / seconds,
+            **{k: float(v) / steps_per_epoch for k, v in sums.items()},
+        }
+        if evaluate_fn is not None and accelerator.is_main_process:
+            record.update(evaluate_fn(accelerator.unwrap_model(model)))
+        history.append(record)
+        accelerator.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(model)
+            _save_checkpoint(
+                ckpt_path,
+                {
+                    "fingerprint": cfg.fingerprint(),
+                    "epoch": epoch,
+                    "history": history,
+                    "model": unwrapped.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                },
+            )
+        accelerator.wait_for_everyone()
+    return accelerator.unwrap_model(model).cpu().eval(), history
