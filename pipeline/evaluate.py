@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -95,3 +96,81 @@ def write_metrics(metrics: dict, path: str | Path, sampling: SamplingConfig | No
     record = {**metrics, **({"sampling": asdict(sampling)} if sampling else {})}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(record, indent=1))
+
+
+def _plot_per_class(metrics: dict, class_names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = [k.removesuffix("_per_class") for k in metrics if k.endswith("_per_class")]
+    fig, ax = plt.subplots(figsize=(max(6, len(class_names) * 0.6), 3.2))
+    width = 0.8 / max(len(paths), 1)
+    for j, name in enumerate(paths):
+        values = [v if v is not None else 0.0 for v in metrics[f"{name}_per_class"]]
+        ax.bar([i + j * width for i in range(len(values))], values, width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(class_names))], class_names, rotation=45, ha="right")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_evaluation(
+    shards: Path,
+    cache: Path | None,
+    student_dir: Path,
+    out: Path,
+    sampling: SamplingConfig | None,
+    *,
+    split: str = "val",
+    batch_size: int = 256,
+    device: str | None = None,
+) -> dict:
+    """Evaluate an exported student on a split: both paths, the teacher's own accuracy, per-class; write JSON + plot."""
+    from pipeline.distill import load_student
+    from pipeline.errors import GenddError
+    from pipeline.shards import load_index, load_split
+    from pipeline.store import open_cache
+
+    index = load_index(shards)
+    if not index.labeled:
+        raise GenddError(f"{shards} has no labels: accuracy needs a labelled {split} split")
+    data = load_split(index.split(split))
+    student, card = load_student(student_dir)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    teacher_head, metrics = None, {"method": card["extra"]["method"], "student": card["name"]}
+    if cache is not None:
+        store = open_cache(cache, split, spec_hash=index.spec_hash)
+        teacher_head = (torch.from_numpy(store.head_weight).float(), torch.from_numpy(store.head_bias).float())
+        teacher_logits = torch.from_numpy(store.load_all()["logits"][:, 0])
+        metrics["teacher_top1"] = topk_accuracy(teacher_logits, data.labels, 1)
+        metrics["teacher_top5"] = topk_accuracy(teacher_logits, data.labels, 5)
+    use_sampling = sampling if student.head is not None and teacher_head is not None else None
+    started = time.perf_counter()
+    logits = predict(
+        student,
+        data.images,
+        card["input_size"],
+        tuple(card["mean"]),
+        tuple(card["std"]),
+        device=dev,
+        batch_size=batch_size,
+        sampling=use_sampling,
+        teacher_head=teacher_head,
+    )
+    metrics["eval_seconds"] = time.perf_counter() - started
+    metrics.update(summarise(logits, data.labels, card["num_classes"]))
+    if "generative_top1" in metrics:
+        metrics["probe_minus_generative"] = metrics["probe_top1"] - metrics["generative_top1"]
+    train_json = student_dir / "train.json"
+    if train_json.is_file():
+        metrics["train_seconds"] = json.loads(train_json.read_text())["train_seconds"]
+    out.mkdir(parents=True, exist_ok=True)
+    write_metrics(metrics, out / "metrics.json", use_sampling)
+    names = list(index.spec.get("class_names") or [str(c) for c in range(card["num_classes"])])
+    _plot_per_class(metrics, names, out / "per_class.png")
+    return metrics

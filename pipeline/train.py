@@ -283,7 +283,7 @@ def train(
             accelerator.backward(loss)
             optimizer.step()
             for key, value in logs.items():  # summed on the device: no host sync per step
-                sums[key] = sums.get(key, 0.0) + torch.as_tensor(value).detach().float()
+                sums[key] = sums.get(key, 0.0) + value.float()
         seconds = time.perf_counter() - started
         record = {
             "epoch": epoch + 1,

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from pipeline.errors import GenddError
-from stages import cache, extract, prepare, teacher
+from stages import cache, distill, evaluate, extract, prepare, teacher
 
 app = typer.Typer(
     help="GenDD distillation with an offline teacher: prepare -> teacher -> extract -> distill -> evaluate -> report.",
@@ -25,6 +25,8 @@ def _root() -> None:
 app.command("prepare")(prepare.command)
 app.command("teacher")(teacher.command)
 app.command("extract")(extract.command)
+app.command("distill")(distill.command)
+app.command("evaluate")(evaluate.command)
 app.add_typer(cache.app, name="cache")
 
 

@@ -1,0 +1,148 @@
+"""Distillation of one student with one method, from the cached teacher; exports the student and its head."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.errors import GenddError
+from pipeline.evaluate import predict, topk_accuracy
+from pipeline.head import GenerativeHead, HeadConfig
+from pipeline.models import ModelCard, feature_dim, load_model, save_model
+from pipeline.shards import load_index, load_split
+from pipeline.store import open_cache
+from pipeline.train import Student, TrainConfig, load_train_data, train
+from pipeline.views import POLICIES
+
+STANDALONE_LOADER = '''"""Rebuild the distilled student with timm alone (no gendd needed): python load_student.py"""
+import json, pathlib
+import timm, torch
+from safetensors.torch import load_file
+
+here = pathlib.Path(__file__).parent
+card = json.loads((here / "student.json").read_text())
+model = timm.create_model(card["name"], num_classes=card["num_classes"], in_chans=card["in_chans"])
+if card["small_stem"]:  # 3x3 stride-1 first conv, no first max-pool (as trained)
+    name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d))
+    model.set_submodule(name, torch.nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=conv.bias is not None))
+    pool = next((n for n, m in model.named_modules() if isinstance(m, torch.nn.MaxPool2d)), None)
+    if pool:
+        model.set_submodule(pool, torch.nn.Identity())
+model.load_state_dict(load_file(str(here / "student.safetensors")))
+model.eval()
+print(card["name"], "ready: input", card["in_chans"], "x", card["input_size"], "px")
+'''
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Inputs, output directory and training settings of one student x method."""
+
+    shards: Path
+    cache: Path | None
+    out: Path
+    train: TrainConfig
+    resume: bool = True
+
+
+def _input_size(cfg: DistillConfig) -> int:
+    if cfg.train.input_size:
+        return cfg.train.input_size
+    if cfg.cache is not None:
+        return int(open_cache(cfg.cache, "train").meta.teacher["input_size"])
+    return int(load_index(cfg.shards).spec["image_size"])
+
+
+def _check_cache_views(cfg: DistillConfig) -> None:
+    if cfg.cache is None:
+        return
+    policy = open_cache(cfg.cache, "train").meta.views.get("policy", {})
+    if policy.get("kind") not in POLICIES:
+        raise GenddError(
+            f"cache {cfg.cache} uses view policy {policy.get('kind')!r}, which this gendd cannot replay; "
+            "re-run gendd extract with one of " + ", ".join(POLICIES)
+        )
+
+
+def _val_probe(shards: Path, size: int, mean: tuple, std: tuple):
+    index = load_index(shards)
+    if "val" not in index.splits or not index.labeled:
+        return None
+    val = load_split(index.split("val"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def evaluate_fn(student: Student) -> dict:
+        was_training = student.training
+        logits = predict(student, val.images, size, mean, std, device=device)["probe"]
+        student.train(was_training)
+        return {"val_probe_top1": topk_accuracy(logits, val.labels, 1)}
+
+    return evaluate_fn
+
+
+def _log_live(out: Path, history: list[dict]) -> None:
+    try:  # dvclive is optional (e.g. on a bare GPU host); the history JSON holds the same numbers
+        from dvclive import Live
+    except ImportError:
+        return
+    with Live(str(out / "live"), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+        for record in history:
+            for key, value in record.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    live.log_metric(f"train/{key}", value)
+            live.next_step()
+
+
+def distill(cfg: DistillConfig) -> dict:
+    """Train the student, then write student.safetensors/.json, head.safetensors, load_student.py, train.json."""
+    _check_cache_views(cfg)
+    size = _input_size(cfg)
+    data = load_train_data(cfg.shards, cfg.cache)
+    started = time.perf_counter()
+    student, history = train(
+        cfg.train, data, cfg.out, size, _val_probe(cfg.shards, size, data.mean, data.std), cfg.resume
+    )
+    seconds = time.perf_counter() - started
+    in_chans = data.images.shape[1]
+    head_cfg = asdict(student.head.config) if student.head is not None else None
+    card = ModelCard(
+        cfg.train.model,
+        student.net.get_classifier().out_features,
+        in_chans,
+        cfg.train.small_stem,
+        size,
+        data.mean,
+        data.std,
+        feature_dim(student.net, in_chans, size),
+        extra={"method": cfg.train.method, "head": head_cfg},
+    )
+    save_model(student.net, card, cfg.out, "student")
+    if student.head is not None:
+        save_file({k: v.contiguous() for k, v in student.head.state_dict().items()}, str(cfg.out / "head.safetensors"))
+    (cfg.out / "load_student.py").write_text(STANDALONE_LOADER)
+    summary = {
+        "method": cfg.train.method,
+        "student": cfg.train.model,
+        "epochs": len(history),
+        "train_seconds": sum(r["seconds"] for r in history),
+        "wall_seconds": seconds,
+        "final": history[-1] if history else {},
+    }
+    (cfg.out / "train.json").write_text(json.dumps({**summary, "history": history}, indent=1))
+    _log_live(cfg.out, history)
+    return summary
+
+
+def load_student(out: Path) -> tuple[Student, dict]:
+    """The exported student with its generative head (if it has one), in eval mode."""
+    net, card = load_model(out, "student")
+    head = None
+    if card["extra"].get("head"):
+        head = GenerativeHead(HeadConfig(**card["extra"]["head"]))
+        head.load_state_dict(load_file(str(out / "head.safetensors")))
+    return Student(net, head, None).eval(), card

@@ -1,0 +1,265 @@
+"""The GenDD generative head: a token-wise conditional diffusion model over teacher features.
+
+Contract (after MAR's DiffLoss): `forward(target, z) -> loss` during training, `sample(z, ...) -> features` at
+inference. The teacher feature is cut into tokens; every token is denoised independently by a small adaLN MLP that is
+conditioned on the (normalised) student feature, the timestep and the token's position.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from torch import Tensor, nn
+
+from pipeline.errors import GenddError
+
+SAMPLERS = ("ddpm", "ddim", "dpmsolver")
+TIME_FREQ_DIM = 256
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Shape and diffusion settings of the generative head."""
+
+    feature_dim: int  # D_T, the teacher feature size
+    cond_dim: int  # D_S, the student feature size
+    token_dim: int = 64
+    width: int = 1024
+    depth: int = 3
+    num_train_steps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    diffusion_batch_mul: int = 4
+    cond_dropout: float = 0.2
+
+    def __post_init__(self) -> None:
+        for name in (
+            "feature_dim",
+            "cond_dim",
+            "token_dim",
+            "width",
+            "depth",
+            "num_train_steps",
+            "diffusion_batch_mul",
+        ):
+            if getattr(self, name) < 1:
+                raise GenddError(f"head {name} must be a positive integer, got {getattr(self, name)}")
+        if self.feature_dim % self.token_dim:
+            raise GenddError(
+                f"token_dim {self.token_dim} does not divide the teacher feature dim {self.feature_dim}: "
+                f"pick a divisor of {self.feature_dim} (e.g. {_suggest_divisors(self.feature_dim, self.token_dim)})"
+            )
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise GenddError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of tokens T a teacher feature is split into."""
+        return self.feature_dim // self.token_dim
+
+
+def _suggest_divisors(dim: int, token_dim: int, k: int = 3) -> str:
+    # Closest divisors to what was asked for; dim itself (a single token) is a last resort.
+    divisors = [d for d in range(1, dim) if dim % d == 0] or [dim]
+    return ", ".join(str(d) for d in sorted(divisors, key=lambda d: (abs(d - token_dim), -d))[:k])
+
+
+def tokenize(x: Tensor, token_dim: int) -> Tensor:
+    """Split features (B, D) into tokens (B, D // token_dim, token_dim)."""
+    return x.reshape(x.shape[0], -1, token_dim)
+
+
+def untokenize(tokens: Tensor) -> Tensor:
+    """Join tokens (B, T, k) back into features (B, T * k)."""
+    return tokens.reshape(tokens.shape[0], -1)
+
+
+def timestep_embedding(t: Tensor, dim: int = TIME_FREQ_DIM, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding (..., dim) of (possibly fractional) timesteps t (...)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[..., None] * freqs  # (..., half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class ResBlock(nn.Module):
+    """Residual MLP block whose LayerNorm is shifted, scaled and gated by the conditioning vector."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        """Apply the block to x (..., W) under conditioning c (..., W)."""
+        shift, scale, gate = self.modulation(c).chunk(3, dim=-1)
+        return x + gate * self.mlp(_modulate(self.norm(x), shift, scale))
+
+
+class FinalLayer(nn.Module):
+    """Modulated LayerNorm followed by the projection back to token space."""
+
+    def __init__(self, width: int, token_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.linear = nn.Linear(width, token_dim)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        """Map x (..., W) to an epsilon prediction (..., token_dim)."""
+        shift, scale = self.modulation(c).chunk(2, dim=-1)
+        return self.linear(_modulate(self.norm(x), shift, scale))
+
+
+class Denoiser(nn.Module):
+    """adaLN MLP predicting the noise of every token from (x_t, t, z, token position)."""
+
+    def __init__(self, cfg: HeadConfig) -> None:
+        super().__init__()
+        w = cfg.width
+        self.input_proj = nn.Linear(cfg.token_dim, w)
+        self.time_embed = nn.Sequential(nn.Linear(TIME_FREQ_DIM, w), nn.SiLU(), nn.Linear(w, w))
+        self.cond_proj = nn.Linear(cfg.cond_dim, w)
+        self.pos_embed = nn.Parameter(torch.randn(cfg.num_tokens, w) * 0.02)  # (T, W)
+        self.blocks = nn.ModuleList(ResBlock(w) for _ in range(cfg.depth))
+        self.final = FinalLayer(w, cfg.token_dim)
+        self._zero_init()
+
+    def _zero_init(self) -> None:
+        # Gates, shifts/scales and the output start at zero: every block is the identity and the
+        # denoiser is the exact zero map, which keeps early training stable (as in DiT / MAR).
+        for block in self.blocks:
+            nn.init.zeros_(block.modulation[-1].weight)
+            nn.init.zeros_(block.modulation[-1].bias)
+        for layer in (self.final.modulation[-1], self.final.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
+        """Predict noise (N, T, k) from x_t (N, T, k), t broadcastable to (N, T), z broadcastable to (N, T, D_S)."""
+        t_emb = self.time_embed(timestep_embedding(t).to(x.dtype))  # (..., W)
+        c = t_emb + self.cond_proj(z) + self.pos_embed  # (N, T, W)
+        h = self.input_proj(x)  # (N, T, W)
+        for block in self.blocks:
+            h = block(h, c)
+        return self.final(h, c)
+
+
+def make_scheduler(sampler: str, cfg: HeadConfig) -> DDPMScheduler | DDIMScheduler | DPMSolverMultistepScheduler:
+    """A fresh diffusers scheduler of the named kind on the head's training noise schedule."""
+    common = {
+        "num_train_timesteps": cfg.num_train_steps,
+        "beta_schedule": cfg.beta_schedule,
+        "prediction_type": "epsilon",
+    }
+    # Features are not images: no clipping of x0 to [-1, 1]. "leading" spacing never visits the cosine
+    # schedule's last steps, where alpha_bar ~ 1e-8 would blow up the x0 estimate (x - sigma * eps) / alpha.
+    if sampler == "ddpm":
+        return DDPMScheduler(**common, clip_sample=False)
+    if sampler == "ddim":
+        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True)
+    if sampler == "dpmsolver":
+        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", timestep_spacing="leading")
+    raise GenddError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+
+
+def _draw_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
+    # Random draws happen where the generator lives (usually the CPU) and are then moved, so a CPU
+    # generator gives the same numbers whatever the compute device.
+    return generator.device if generator is not None else device
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:
+    dev = _draw_device(generator, like.device)
+    return torch.randn(shape, generator=generator, device=dev, dtype=like.dtype).to(like.device)
+
+
+def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    return torch.rand(shape, generator=generator, device=_draw_device(generator, device)).to(device)
+
+
+def _randint(high: int, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    return torch.randint(high, shape, generator=generator, device=_draw_device(generator, device)).to(device)
+
+
+class GenerativeHead(nn.Module):
+    """Conditional diffusion head: learns p(teacher feature | student feature) token by token."""
+
+    def __init__(self, config: HeadConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.cond_norm = nn.LayerNorm(config.cond_dim)
+        self.denoiser = Denoiser(config)
+        # add_noise moves the scheduler's alphas to the input device once and keeps them there.
+        self.train_scheduler = make_scheduler("ddpm", config)
+
+    def condition(self, h: Tensor) -> Tensor:
+        """Condition z (B, D_S) from the student feature h (B, D_S)."""
+        return self.cond_norm(h)
+
+    def _check_dims(self, z: Tensor, target: Tensor | None = None) -> None:
+        cfg = self.config
+        if z.ndim != 2 or z.shape[1] != cfg.cond_dim:
+            raise GenddError(f"condition has shape {tuple(z.shape)} but the head expects (B, {cfg.cond_dim})")
+        if target is not None and (target.ndim != 2 or target.shape[1] != cfg.feature_dim):
+            raise GenddError(f"target has shape {tuple(target.shape)} but the head expects (B, {cfg.feature_dim})")
+
+    def forward(self, target: Tensor, z: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """Diffusion (epsilon-MSE) loss of teacher features target (B, D_T) given conditions z (B, D_S)."""
+        self._check_dims(z, target)
+        cfg = self.config
+        x0 = tokenize(target, cfg.token_dim).repeat(cfg.diffusion_batch_mul, 1, 1)  # (N, T, k), N = mul * B
+        n, t_len, _ = x0.shape
+        z = z.repeat(cfg.diffusion_batch_mul, 1)[:, None, :].expand(n, t_len, -1)  # (N, T, D_S)
+        # Every (sample, token, repeat) row gets its own timestep, noise and condition dropout.
+        t = _randint(cfg.num_train_steps, (n, t_len), generator, x0.device)  # (N, T)
+        noise = _randn(x0.shape, generator, x0)  # (N, T, k)
+        drop = _rand((n, t_len, 1), generator, x0.device) < cfg.cond_dropout  # (N, T, 1)
+        z = torch.where(drop, torch.zeros_like(z), z)  # z = 0 is the unconditional branch
+        # add_noise wants one timestep per leading row, so noise the (N * T, k) view.
+        x_t = self.train_scheduler.add_noise(x0.flatten(0, 1), noise.flatten(0, 1), t.flatten()).view_as(x0)
+        return F.mse_loss(self.denoiser(x_t, t, z), noise)
+
+    def _guided_eps(self, x: Tensor, t: Tensor, z: Tensor, cfg_scale: float) -> Tensor:
+        # With guidance, z holds the conditional rows followed by as many z = 0 rows: one batched call.
+        if cfg_scale == 1.0:
+            return self.denoiser(x, t, z)
+        eps_cond, eps_uncond = self.denoiser(torch.cat([x, x]), t, z).chunk(2)
+        return eps_uncond + cfg_scale * (eps_cond - eps_uncond)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        z: Tensor,
+        *,
+        n_samples: int = 5,
+        cfg_scale: float = 2.0,
+        sampler: str = "ddim",
+        steps: int = 25,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Mean of n_samples generated teacher features (B, D_T) per condition z (B, D_S)."""
+        self._check_dims(z)
+        if n_samples < 1 or steps < 1:
+            raise GenddError(f"n_samples and steps must be positive, got {n_samples} and {steps}")
+        cfg = self.config
+        scheduler = make_scheduler(sampler, cfg)  # stateful (multistep history), so one per call
+        scheduler.set_timesteps(steps, device=z.device)
+        b = z.shape[0]
+        z_rows = z.repeat(n_samples, 1)[:, None, :]  # (n * B, 1, D_S)
+        if cfg_scale != 1.0:  # at scale 1 the unconditional pass cancels out, so skip it
+            z_rows = torch.cat([z_rows, torch.zeros_like(z_rows)])  # (2 * n * B, 1, D_S)
+        x = _randn((n_samples * b, cfg.num_tokens, cfg.token_dim), generator, z) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            x_in = scheduler.scale_model_input(x, t)
+            eps = self._guided_eps(x_in, t, z_rows, cfg_scale)
+            x = scheduler.step(eps, t, x, generator=generator).prev_sample
+        return untokenize(x.reshape(n_samples, b, cfg.num_tokens, cfg.token_dim).mean(dim=0))

@@ -1,0 +1,152 @@
+"""Training objectives of the five methods: ce, kd, kl, gendd (supervised) and gendd_unsup."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.errors import GenddError
+from pipeline.head import GenerativeHead
+
+METHODS = ("ce", "kd", "kl", "gendd", "gendd_unsup")
+SUPERVISED = {"ce", "kd", "gendd"}
+USES_HEAD = {"gendd", "gendd_unsup"}
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Which loss to train with and its hyper-parameters."""
+
+    method: str
+    contraction: float = 0.9  # lam of Distribution Contraction; forced to 0 for gendd_unsup
+    mixup_beta: float = 1.0  # <= 0 turns feature mixup off
+    kd_alpha: float = 1.0
+    kd_tau: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise GenddError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.method == "gendd_unsup":
+            # Contraction needs labels, which the unsupervised method never sees.
+            object.__setattr__(self, "contraction", 0.0)
+        if not 0.0 <= self.contraction <= 1.0:
+            raise GenddError(f"contraction must be in [0, 1], got {self.contraction}")
+        if self.kd_tau <= 0:
+            raise GenddError(f"kd_tau must be positive, got {self.kd_tau}")
+
+
+def contract_targets(features: Tensor, labels: Tensor | None, centres: Tensor | None, lam: float) -> Tensor:
+    """Pull teacher features (B, D) towards class centres (C, D): (1 - lam) * f + lam * W[label] (or q @ W)."""
+    if lam == 0:
+        return features
+    if labels is None or centres is None:
+        raise GenddError(f"contraction {lam} needs labels and class centres; pass both or set contraction to 0")
+    # Soft labels q (B, C) give the expected centre q @ W; hard labels pick W[label]. Both (B, D).
+    anchor = labels.to(centres.dtype) @ centres if labels.is_floating_point() else centres[labels]
+    return (1 - lam) * features + lam * anchor
+
+
+def _beta_draw(beta: float, generator: torch.Generator | None) -> float:
+    # torch's Beta sampler takes no generator; seed numpy from the torch RNG so the draw stays reproducible.
+    seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device if generator else "cpu"))
+    return float(np.random.default_rng(seed).beta(beta, beta))
+
+
+def feature_mixup(z: Tensor, y: Tensor, beta: float, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Mix conditions z (B, D_S) and targets y (B, D_T) with one m ~ Beta(beta, beta) and one shared permutation."""
+    if beta <= 0:
+        return z, y
+    m = _beta_draw(beta, generator)
+    draw_device = generator.device if generator is not None else z.device
+    perm = torch.randperm(z.shape[0], generator=generator, device=draw_device).to(z.device)
+    return m * z + (1 - m) * z[perm], m * y + (1 - m) * y[perm]
+
+
+def _softened_kl(student_logits: Tensor, teacher_logits: Tensor, tau: float) -> Tensor:
+    # KL(softmax(t / tau) || softmax(s / tau)) per sample, averaged over the batch; tau^2 keeps the gradient
+    # scale independent of tau (Hinton et al.).
+    log_p_s = F.log_softmax(student_logits / tau, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits / tau, dim=-1)
+    return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * tau**2
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, alpha: float, tau: float) -> Tensor:
+    """Hinton KD: CE(labels) + alpha * tau^2 * KL(teacher || student) at temperature tau."""
+    return F.cross_entropy(student_logits, labels) + alpha * _softened_kl(student_logits, teacher_logits, tau)
+
+
+def kl_loss(student_logits: Tensor, teacher_logits: Tensor, tau: float = 1.0) -> Tensor:
+    """Unsupervised distillation: tau^2 * KL(teacher softmax || student softmax), no labels."""
+    return _softened_kl(student_logits, teacher_logits, tau)
+
+
+def warmstart_loss(feats: Tensor, proj: nn.Module, head_weight: Tensor, head_bias: Tensor, labels: Tensor) -> Tensor:
+    """Stage-1 warm start: CE of the frozen teacher classifier applied to proj(feats)."""
+    logits = F.linear(proj(feats), head_weight.detach(), head_bias.detach())  # (B, C); the teacher stays frozen
+    return F.cross_entropy(logits, labels)
+
+
+def _require(method: str, **inputs: object) -> None:
+    missing = [name for name, value in inputs.items() if value is None]
+    if missing:
+        raise GenddError(f"method {method!r} needs {', '.join(inputs)}, but {', '.join(missing)} was not given")
+
+
+def _generative_loss(
+    cfg: ObjectiveConfig,
+    feats: Tensor,
+    head: GenerativeHead,
+    teacher_features: Tensor,
+    labels: Tensor | None,
+    centres: Tensor | None,
+    generator: torch.Generator | None,
+) -> Tensor:
+    z = head.condition(feats)  # (B, D_S)
+    y = contract_targets(teacher_features, labels, centres, cfg.contraction)  # (B, D_T)
+    z, y = feature_mixup(z, y, cfg.mixup_beta, generator)
+    return head(y, z, generator=generator)
+
+
+def compute_objective(
+    cfg: ObjectiveConfig,
+    *,
+    feats: Tensor,
+    classifier: nn.Module,
+    head: GenerativeHead | None,
+    teacher_features: Tensor | None,
+    teacher_logits: Tensor | None,
+    labels: Tensor | None,
+    centres: Tensor | None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Total loss of cfg.method on student features (B, D_S) and detached scalars to log (no host sync per step)."""
+    method = cfg.method
+    if method == "ce":
+        _require(method, labels=labels)
+        loss = F.cross_entropy(classifier(feats), labels)
+        return loss, {"loss": loss.detach(), "ce": loss.detach()}
+    if method == "kd":
+        _require(method, labels=labels, teacher_logits=teacher_logits)
+        logits = classifier(feats)
+        ce = F.cross_entropy(logits, labels)
+        kl = _softened_kl(logits, teacher_logits, cfg.kd_tau)
+        loss = ce + cfg.kd_alpha * kl
+        return loss, {"loss": loss.detach(), "ce": ce.detach(), "kl": kl.detach()}
+    if method == "kl":
+        _require(method, teacher_logits=teacher_logits)
+        loss = kl_loss(classifier(feats), teacher_logits)
+        return loss, {"loss": loss.detach(), "kl": loss.detach()}
+    if method == "gendd":
+        _require(method, head=head, teacher_features=teacher_features, labels=labels)
+        diffusion = _generative_loss(cfg, feats, head, teacher_features, labels, centres, generator)
+        probe = F.cross_entropy(classifier(feats.detach()), labels)  # the linear probe never trains the backbone
+        loss = diffusion + probe
+        return loss, {"loss": loss.detach(), "diffusion": diffusion.detach(), "probe_ce": probe.detach()}
+    # gendd_unsup: the diffusion loss alone, on uncontracted teacher features.
+    _require(method, head=head, teacher_features=teacher_features)
+    loss = _generative_loss(cfg, feats, head, teacher_features, None, None, generator)
+    return loss, {"loss": loss.detach(), "diffusion": loss.detach()}
