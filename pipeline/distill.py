@@ -90,12 +90,15 @@ def _log_live(out: Path, history: list[dict]) -> None:
         from dvclive import Live
     except ImportError:
         return
-    with Live(str(out / "live"), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-        for record in history:
-            for key, value in record.items():
-                if key != "epoch" and isinstance(value, (int, float)):
-                    live.log_metric(f"train/{key}", value)
-            live.next_step()
+    try:
+        with Live(str(out / "live"), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+            for record in history:
+                for key, value in record.items():
+                    if key != "epoch" and isinstance(value, (int, float)):
+                        live.log_metric(f"train/{key}", value)
+                live.next_step()
+    except Exception as err:  # dvclive trips on some git states (e.g. a repo without commits): metrics stay in JSON
+        print(f"note: dvclive logging skipped ({type(err).__name__}: {err}); train.json holds the history")
 
 
 def distill(cfg: DistillConfig) -> dict:

@@ -17,7 +17,14 @@ from tqdm import tqdm
 from pipeline.errors import GenddError
 from pipeline.head import GenerativeHead, HeadConfig
 from pipeline.models import create_model, feature_dim, features
-from pipeline.objectives import SUPERVISED, USES_HEAD, ObjectiveConfig, compute_objective, warmstart_loss
+from pipeline.objectives import (
+    SUPERVISED,
+    USES_HEAD,
+    ObjectiveConfig,
+    compute_objective,
+    kl_loss,
+    warmstart_loss,
+)
 from pipeline.shards import ShardData, load_index, load_split
 from pipeline.views import ViewPolicy, apply_views, sample_views
 
@@ -36,7 +43,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     beta2_start: float = 0.95
     beta2_end: float = 0.999
-    warmstart_epochs: int = 0
+    warmstart_epochs: int = 0  # the first epochs of `epochs` (generative methods only): stage-1 warm start
     objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig("gendd"))
     head_token_dim: int = 64
     head_width: int = 1024
@@ -104,8 +111,12 @@ class Student(nn.Module):
         """Loss of one batch; everything runs inside forward so DDP sees every parameter it trains."""
         feats = features(self.net, x)  # (B, D_S)
         if warm:
-            loss = warmstart_loss(feats, self.proj, batch["head_weight"], batch["head_bias"], batch["labels"])
-            return loss, {"loss": loss.detach(), "warmstart_ce": loss.detach()}
+            if "labels" in batch:
+                loss = warmstart_loss(feats, self.proj, batch["head_weight"], batch["head_bias"], batch["labels"])
+            else:  # unlabeled data: match the teacher's softmax through its frozen head instead of labels
+                logits = self.proj(feats) @ batch["head_weight"].T + batch["head_bias"]
+                loss = kl_loss(logits, batch["teacher_logits"])
+            return loss, {"loss": loss.detach(), "warmstart": loss.detach()}
         return compute_objective(
             objective,
             feats=feats,
@@ -125,7 +136,7 @@ def build_student(cfg: TrainConfig, data: TrainData, input_size: int) -> Student
     net = create_model(cfg.model, num_classes, data.images.shape[1], cfg.small_stem)
     d_s = feature_dim(net, data.images.shape[1], input_size)
     head = proj = None
-    if cfg.method in USES_HEAD or cfg.warmstart_epochs:
+    if cfg.method in USES_HEAD:
         if data.features is None:
             raise GenddError(f"method {cfg.method} (or a warm start) needs a teacher feature cache: pass --cache")
         d_t = data.features.shape[-1]
@@ -141,7 +152,7 @@ def build_student(cfg: TrainConfig, data: TrainData, input_size: int) -> Student
             )
             head = GenerativeHead(head_cfg)
         if cfg.warmstart_epochs:
-            proj = nn.Linear(d_s, d_t)
+            proj = nn.Linear(d_s, d_t)  # stage 1: student feature -> teacher feature space -> frozen teacher head
     return Student(net, head, proj)
 
 
@@ -154,6 +165,8 @@ def check_data_serves(cfg: TrainConfig, data: TrainData) -> None:
         raise GenddError(f"method {cfg.method} needs the teacher feature cache: pass --cache (run gendd extract)")
     if data.features is not None and data.views is None:
         raise GenddError("the cache holds no views to replay; re-run gendd extract")
+    if cfg.warmstart_epochs and not 0 <= cfg.warmstart_epochs < cfg.epochs:
+        raise GenddError(f"warmstart_epochs ({cfg.warmstart_epochs}) must be fewer than epochs ({cfg.epochs})")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -251,10 +264,11 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         start, history = state["epoch"] + 1, state["history"]
         accelerator.print(f"resuming {out} from epoch {start}")
+    model_has_proj = model.proj is not None
     model, optimizer = accelerator.prepare(model, optimizer)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     images = data.images.to(device)  # small datasets live on the device whole; batches are index gathers
-    total_epochs = cfg.warmstart_epochs + cfg.epochs
+    total_epochs = cfg.epochs  # the warm start is part of the budget: every method trains equal epochs
     per_rank = len(data.labels) // world
     steps_per_epoch = math.ceil(per_rank / cfg.batch_size)
     total_steps, warmup = total_epochs * steps_per_epoch, max(1, int(cfg.warmup_epochs * steps_per_epoch))
@@ -262,7 +276,7 @@ def train(
         model.train()
         order, view_index = epoch_plan(cfg, data, epoch, rank, world)
         views = epoch_views(cfg, data, epoch, view_index, images.shape[-1])
-        warm = epoch < cfg.warmstart_epochs
+        warm = model_has_proj and epoch < cfg.warmstart_epochs
         sums: dict[str, torch.Tensor] = {}
         started = time.perf_counter()
         bar = tqdm(

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from pipeline.errors import GenddError
-from stages import cache, distill, evaluate, extract, prepare, teacher
+from stages import cache, distill, evaluate, extract, prepare, report, teacher
 
 app = typer.Typer(
     help="GenDD distillation with an offline teacher: prepare -> teacher -> extract -> distill -> evaluate -> report.",
@@ -27,6 +27,7 @@ app.command("teacher")(teacher.command)
 app.command("extract")(extract.command)
 app.command("distill")(distill.command)
 app.command("evaluate")(evaluate.command)
+app.command("report")(report.command)
 app.add_typer(cache.app, name="cache")
 
 

@@ -14,12 +14,12 @@ def command(
     spec: Path = typer.Option(..., help="Data spec YAML (see data_specs/)."),
     out: Path = typer.Option(..., help="Output directory for <split>-NNNNNN.tar shards and index.json."),
     shard_size: int = typer.Option(1000, help="Samples per shard (also the feature cache's chunk size)."),
-    max_samples: int | None = typer.Option(None, help="Keep only the first N samples of each split (quick runs)."),
+    max_samples: int = typer.Option(0, help="Keep only the first N samples of each split (0 = all; quick runs)."),
     source_path: str | None = typer.Option(None, help="Read the source data from here instead of the spec's path."),
 ) -> None:
     """Write a dataset's splits as image shards; does nothing when they are already up to date."""
     data_spec = load_spec(spec, source_path)
-    index, wrote = prepare_shards(data_spec, out, shard_size, max_samples)
+    index, wrote = prepare_shards(data_spec, out, shard_size, max_samples or None)
     verb = "wrote" if wrote else "up to date:"
     for name, shards in index.splits.items():
         typer.echo(f"{verb} {shards.n} {name} samples in {len(shards.names)} shards -> {out}/{name}-*.tar")
