@@ -200,6 +200,15 @@ class GenerativeHead(nn.Module):
         self.denoiser = Denoiser(config)
         # add_noise moves the scheduler's alphas to the input device once and keeps them there.
         self.train_scheduler = make_scheduler("ddpm", config)
+        # Per-dimension target statistics: diffusion works in standardised units (like a latent scale factor), since
+        # contracted teacher features are ~0.1 in scale next to unit noise. Identity until set_target_stats.
+        self.register_buffer("target_mean", torch.zeros(config.feature_dim))
+        self.register_buffer("target_std", torch.ones(config.feature_dim))
+
+    def set_target_stats(self, mean: Tensor, std: Tensor) -> None:
+        """Standardise training targets with these per-dimension statistics (and undo it when sampling)."""
+        self.target_mean.copy_(mean)
+        self.target_std.copy_(std.clamp_min(1e-6))
 
     def condition(self, h: Tensor) -> Tensor:
         """Condition z (B, D_S) from the student feature h (B, D_S)."""
@@ -216,6 +225,7 @@ class GenerativeHead(nn.Module):
         """Diffusion (epsilon-MSE) loss of teacher features target (B, D_T) given conditions z (B, D_S)."""
         self._check_dims(z, target)
         cfg = self.config
+        target = (target - self.target_mean) / self.target_std
         x0 = tokenize(target, cfg.token_dim).repeat(cfg.diffusion_batch_mul, 1, 1)  # (N, T, k), N = mul * B
         n, t_len, _ = x0.shape
         z = z.repeat(cfg.diffusion_batch_mul, 1)[:, None, :].expand(n, t_len, -1)  # (N, T, D_S)
@@ -262,4 +272,5 @@ class GenerativeHead(nn.Module):
             x_in = scheduler.scale_model_input(x, t)
             eps = self._guided_eps(x_in, t, z_rows, cfg_scale)
             x = scheduler.step(eps, t, x, generator=generator).prev_sample
-        return untokenize(x.reshape(n_samples, b, cfg.num_tokens, cfg.token_dim).mean(dim=0))
+        mean = untokenize(x.reshape(n_samples, b, cfg.num_tokens, cfg.token_dim).mean(dim=0))  # (B, D_T)
+        return mean * self.target_std + self.target_mean

@@ -22,6 +22,7 @@ from pipeline.objectives import (
     USES_HEAD,
     ObjectiveConfig,
     compute_objective,
+    contract_targets,
     kl_loss,
     warmstart_loss,
 )
@@ -50,6 +51,7 @@ class TrainConfig:
     head_depth: int = 3
     diffusion_batch_mul: int = 4
     cond_dropout: float = 0.2
+    target_norm: bool = True  # standardise diffusion targets per dimension (False = the paper's raw targets)
     input_size: int | None = None  # default: the teacher's input size (or the images' size)
     policy: ViewPolicy = field(default_factory=ViewPolicy)  # augmentation when training without a cache
     seed: int = 0
@@ -151,9 +153,22 @@ def build_student(cfg: TrainConfig, data: TrainData, input_size: int) -> Student
                 cond_dropout=cfg.cond_dropout,
             )
             head = GenerativeHead(head_cfg)
+            if cfg.target_norm:
+                head.set_target_stats(*target_stats(cfg, data))
         if cfg.warmstart_epochs:
             proj = nn.Linear(d_s, d_t)  # stage 1: student feature -> teacher feature space -> frozen teacher head
     return Student(net, head, proj)
+
+
+def target_stats(cfg: TrainConfig, data: TrainData) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean/std of the contracted targets over every cached (sample, view)."""
+    n, k, d = data.features.shape
+    labels = data.labels.repeat_interleave(k) if cfg.objective.contraction > 0 else None
+    targets = contract_targets(
+        data.features.reshape(n * k, d).float(), labels, data.head_weight, cfg.objective.contraction
+    )
+    std = targets.std(dim=0)
+    return targets.mean(dim=0), std.clamp_min(0.1 * float(std.median()))  # floor: near-dead dims would blow up
 
 
 def check_data_serves(cfg: TrainConfig, data: TrainData) -> None:

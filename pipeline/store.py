@@ -1,0 +1,559 @@
+"""Feature cache: a teacher's features and logits on K views of every sample, chunked in step with the image shards.
+
+Two formats, one reader (`FeatureCache`):
+- "zarr" (default): a Zarr v3 group `<cache>/<split>.zarr` with `features` (N, K, D), `logits` (N, K, C),
+  `views` (N, K, 5) float32, `labels` (N,) int32 (-1 = none), `keys` (N,) variable-length UTF-8 strings,
+  `head/weight` (C, D), `head/bias` (C,) float32, `done` (n_chunks,) bool in chunks of 1, and for int8
+  `features_scale` (N, K) float32. Chunk i holds samples [i * chunk_size, (i + 1) * chunk_size), other axes whole.
+- "webdataset": self-contained training shards `<cache>/<split>-features/` (layout in pipeline/store_wds.py).
+
+Codecs: "zstd" (default; float16 through Blosc-zstd, clevel 1, byte shuffle), "lz4" (Blosc-lz4) and "none" (raw
+float16) are lossless on float16; "bf16" (bfloat16 bits in uint16) and "int8" (features only, symmetric absmax scale
+per (sample, view); logits float16) are lossy and opt-in. Every Zarr chunk carries a crc32c checksum. Reads always
+return float32.
+
+Concurrency: a store is built in a private temp directory and renamed into place (atomic on a POSIX filesystem), so
+concurrent `FeatureCacheWriter.open` calls with the same meta all end on one fully created store and nobody sees a
+half-created one. Writers then fill whole chunks only (distinct chunk files, themselves written via temp + rename),
+set `done[i]` after the chunk's data, and whoever finds every chunk done sets `complete` last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from pipeline.errors import GenddError
+from pipeline.store_wds import WdsStore, one_line
+
+SCHEMA_VERSION = 1
+CODECS = ("zstd", "lz4", "none", "bf16", "int8")
+FORMATS = ("zarr", "webdataset")
+_REQUIRED = {
+    "teacher": ("name", "checkpoint_sha256", "feature_dim", "num_classes", "input_size", "mean", "std"),
+    "dataset": ("name", "spec_hash", "split", "n"),
+    "views": ("K", "policy", "seed"),
+}
+_FIX = "re-run gendd extract"
+
+
+def _to_json(value: Any) -> Any:
+    """`value` in plain JSON types (tuples -> lists, numpy -> Python), exactly as attributes read back."""
+
+    def numpy_default(obj: Any) -> Any:
+        if isinstance(obj, np.ndarray | np.generic):
+            return obj.tolist()
+        raise TypeError(f"cache meta holds a {type(obj).__name__}, which JSON cannot store")
+
+    return json.loads(json.dumps(value, default=numpy_default))
+
+
+@dataclass(frozen=True)
+class CacheMeta:
+    """What identifies a cache: the teacher, the dataset split, the view policy and the codec."""
+
+    teacher: dict  # name, checkpoint_sha256, feature_dim, num_classes, input_size, mean, std
+    dataset: dict  # name (of the spec), spec_hash, split, n
+    views: dict  # K, policy (a dict), seed
+    codec: str = "zstd"
+
+    def validate(self) -> None:
+        """Refuse an unknown codec or a missing field, with the choices or the field names."""
+        if self.codec not in CODECS:
+            raise GenddError(f"unknown cache codec {self.codec!r}: choose one of {', '.join(CODECS)}")
+        for section, fields in _REQUIRED.items():
+            missing = [f for f in fields if f not in getattr(self, section)]
+            if missing:
+                raise GenddError(f"cache meta: {section} lacks {', '.join(missing)}: add them to CacheMeta.{section}")
+
+    def to_attrs(self) -> dict:
+        """The store attributes this meta stands for (JSON types; `complete` False)."""
+        sections = {"teacher": self.teacher, "dataset": self.dataset, "views": self.views}
+        return {"schema_version": SCHEMA_VERSION, **_to_json(sections), "codec": self.codec, "complete": False}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict) -> CacheMeta:
+        """The meta recorded in a store's attributes."""
+        return cls(teacher=attrs["teacher"], dataset=attrs["dataset"], views=attrs["views"], codec=attrs["codec"])
+
+
+# ---- codecs: what is stored for each codec, and back to float32 -------------------------------------------------
+
+
+def _stored_dtypes(codec: str) -> dict[str, type]:
+    """Dtype of every per-sample array the codec stores."""
+    value = {"bf16": np.uint16, "int8": np.int8}.get(codec, np.float16)
+    dtypes = {"features": value, "logits": np.uint16 if codec == "bf16" else np.float16, "views": np.float32}
+    return dtypes | ({"features_scale": np.float32} if codec == "int8" else {})
+
+
+def _compressors(codec: str) -> tuple[BloscCodec | Crc32cCodec, ...]:
+    """Zarr bytes codecs: Blosc (lz4 for "lz4", none for "none", zstd otherwise, lossy ones included), then crc32c."""
+    # The checksum makes a truncated or corrupt chunk fail to decode; Blosc alone may decode it into garbage.
+    if codec == "none":
+        return (Crc32cCodec(),)
+    # zstd at clevel 1: on post-ReLU float16 features it compresses as well as clevel 5 (1.69x) at ~6x the speed.
+    cname, clevel = ("lz4", 5) if codec == "lz4" else ("zstd", 1)
+    return (BloscCodec(cname=cname, clevel=clevel, shuffle="shuffle"), Crc32cCodec())
+
+
+def _to_float16(name: str, x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # overflow is reported below, as a GenddError
+        half = x.astype(np.float16)
+    if not np.isfinite(half).all():
+        raise GenddError(f"{name} exceed the float16 range (|x| > 65504): extract with codec 'bf16' instead")
+    return half
+
+
+def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
+
+
+def _from_bf16_bits(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _to_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric absmax quantisation over the last axis: (q int8, scale float32 (..., )), x ~ q * scale."""
+    scale = (np.abs(x).max(axis=-1) / 127.0).astype(np.float32)  # (n, K)
+    safe = np.where(scale > 0, scale, 1.0)[..., None]
+    return np.clip(np.rint(x / safe), -127, 127).astype(np.int8), scale
+
+
+def encode_chunk(codec: str, features: np.ndarray, logits: np.ndarray, views: np.ndarray) -> dict[str, np.ndarray]:
+    """Float inputs -> the arrays the codec stores (refuses NaN/inf rather than caching them)."""
+    features, logits = np.asarray(features, np.float32), np.asarray(logits, np.float32)
+    for name, x in (("features", features), ("logits", logits)):
+        if not np.isfinite(x).all():
+            raise GenddError(f"teacher {name} contain NaN or inf: check the teacher checkpoint, then {_FIX}")
+    stored = {"views": np.asarray(views, np.float32)}
+    if codec == "bf16":
+        return stored | {"features": _to_bf16_bits(features), "logits": _to_bf16_bits(logits)}
+    if codec == "int8":
+        q, scale = _to_int8(features)
+        return stored | {"features": q, "features_scale": scale, "logits": _to_float16("logits", logits)}
+    return stored | {"features": _to_float16("features", features), "logits": _to_float16("logits", logits)}
+
+
+def decode_chunk(codec: str, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Stored arrays -> float32 features, logits and views."""
+    features, logits = stored["features"], stored["logits"]
+    if codec == "bf16":
+        features, logits = _from_bf16_bits(features), _from_bf16_bits(logits)
+    elif codec == "int8":
+        features = features.astype(np.float32) * stored["features_scale"][..., None]
+    return {
+        "features": np.asarray(features, np.float32),
+        "logits": np.asarray(logits, np.float32),
+        "views": np.asarray(stored["views"], np.float32),
+    }
+
+
+# ---- Zarr layout ----------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _quiet_zarr() -> Iterator[None]:
+    """Silence zarr's notes that string arrays are outside the core v3 spec (older 3.1.x warn on vlen-utf8)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=zarr.errors.UnstableSpecificationWarning)
+        warnings.filterwarnings("ignore", message=".*vlen-utf8.*")
+        yield
+
+
+class ZarrStore:
+    """A `<split>.zarr` group; the reader and writer of that layout."""
+
+    fmt = "zarr"
+
+    def __init__(self, path: Path, group: zarr.Group):
+        self.path = path
+        self._group = group
+        self._arrays = {
+            name: group[name] for name in ("features", "logits", "views", "features_scale") if name in group
+        }
+        self._done = group["done"]
+        self.chunk_size = int(self._arrays["features"].chunks[0])
+        self.n_chunks = int(self._done.shape[0])
+
+    @staticmethod
+    def location(cache_dir: Path, split: str) -> Path:
+        """Directory of one split's Zarr group."""
+        return cache_dir / f"{split}.zarr"
+
+    @staticmethod
+    def exists(path: Path) -> bool:
+        """Whether a (created) store is at `path`: the group's zarr.json is its creation marker."""
+        return (path / "zarr.json").is_file()
+
+    @staticmethod
+    def create(path: Path, attrs: dict, chunk_size: int, keys: list[str], labels: np.ndarray, head: dict) -> None:
+        """Lay out an empty store (every array, no chunk data) in the fresh, private directory `path`."""
+        codec, n, k = attrs["codec"], len(keys), int(attrs["views"]["K"])
+        widths = {"features": attrs["teacher"]["feature_dim"], "logits": attrs["teacher"]["num_classes"], "views": 5}
+        compressors = _compressors(codec)
+        with _quiet_zarr():
+            group = zarr.create_group(store=str(path), zarr_format=3, attributes=attrs)
+            for name, dtype in _stored_dtypes(codec).items():
+                shape = (n, k, int(widths[name])) if name in widths else (n, k)
+                group.create_array(
+                    name, shape=shape, chunks=(chunk_size, *shape[1:]), dtype=dtype, compressors=compressors
+                )
+            group.create_array("labels", data=labels.astype(np.int32), chunks=(max(n, 1),), compressors=compressors)
+            group.create_array("keys", shape=(n,), chunks=(max(n, 1),), dtype=str, compressors=compressors)
+            group["keys"][:] = np.asarray(keys, dtype=np.dtypes.StringDType())
+            head_group = group.create_group("head")
+            for name in ("weight", "bias"):
+                head_group.create_array(name, data=head[name], compressors=compressors)
+            n_chunks = -(-n // chunk_size)
+            group.create_array(
+                "done", shape=(n_chunks,), chunks=(1,), dtype=bool, fill_value=False, compressors=compressors
+            )
+
+    @classmethod
+    def open(cls, path: Path, writable: bool = False) -> ZarrStore:
+        """Open an existing store; a damaged one is a GenddError."""
+        try:
+            # Every chunk gets a file, even all-zero ones, so that a missing file always means a damaged store.
+            with _quiet_zarr(), zarr.config.set({"array.write_empty_chunks": True}):
+                return cls(path, zarr.open_group(str(path), mode="r+" if writable else "r", zarr_format=3))
+        except (OSError, ValueError, KeyError) as exc:
+            raise GenddError(f"{path} is not a readable feature cache ({one_line(exc)}): delete it and {_FIX}") from exc
+
+    @property
+    def attrs(self) -> dict:
+        """The group's attributes."""
+        return self._group.attrs.asdict()
+
+    def keys(self) -> list[str]:
+        """Sample keys in global order."""
+        with _quiet_zarr():
+            return [str(key) for key in self._group["keys"][:].tolist()]
+
+    def labels(self) -> np.ndarray:
+        """Labels (N,) int32, -1 = none."""
+        return np.asarray(self._group["labels"][:], dtype=np.int32)
+
+    def head(self) -> tuple[np.ndarray, np.ndarray]:
+        """Teacher classifier weight (C, D) and bias (C,), float32."""
+        weight, bias = self._group["head/weight"][:], self._group["head/bias"][:]
+        return np.asarray(weight, np.float32), np.asarray(bias, np.float32)
+
+    def done(self) -> np.ndarray:
+        """(n_chunks,) bool, read fresh from disk (other writers may have filled chunks)."""
+        return np.asarray(self._done[:], dtype=bool)
+
+    def write(self, i: int, start: int, stored: dict[str, np.ndarray], images: list[bytes] | None) -> None:
+        """Write chunk i's arrays (whole chunks only), then mark it done; images live in the image shards."""
+        for name, array in stored.items():
+            self._arrays[name][start : start + len(array)] = array
+        self._done[i] = True
+
+    def read(self, i: int, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Stored (not decoded) arrays of chunk i."""
+        try:
+            for name, array in self._arrays.items():  # zarr would silently return zeros for a lost chunk file
+                if not self.path.joinpath(name, "c", str(i), *["0"] * (array.ndim - 1)).is_file():
+                    raise FileNotFoundError(f"{name} chunk file missing")
+            return {name: array[start:stop] for name, array in self._arrays.items()}
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise GenddError(
+                f"{self.path}: chunk {i} cannot be read ({one_line(exc)}): delete the store and {_FIX}"
+            ) from exc
+
+    def set_complete(self) -> None:
+        """Mark the store complete (the last write of an extraction)."""
+        self._group.attrs["complete"] = True
+
+    def stored_bytes(self) -> dict[str, int]:
+        """Chunk bytes stored per array (without each array's small zarr.json)."""
+        sizes = {}
+        for name in [*self._arrays, "labels", "keys", "head/weight", "head/bias", "done"]:
+            sizes[name] = self._group[name].nbytes_stored() - (self.path / name / "zarr.json").stat().st_size
+        return sizes
+
+
+_STORES: dict[str, type[ZarrStore] | type[WdsStore]] = {"zarr": ZarrStore, "webdataset": WdsStore}
+
+
+# ---- writer ---------------------------------------------------------------------------------------------------
+
+
+def _chunk_bounds(i: int, chunk_size: int, n: int) -> tuple[int, int]:
+    """Samples [start, stop) of chunk i."""
+    if not 0 <= i < -(-n // chunk_size):
+        raise IndexError(f"chunk {i} out of range: the cache has {-(-n // chunk_size)} chunks")
+    return i * chunk_size, min(n, (i + 1) * chunk_size)
+
+
+def _check_inputs(meta: CacheMeta, split: str, chunk_size: int, keys: list[str], labels: np.ndarray) -> None:
+    """Refuse a writer whose arguments disagree with its meta."""
+    n = int(meta.dataset["n"])
+    if meta.dataset["split"] != split:
+        raise GenddError(f"cache meta is for split {meta.dataset['split']!r}, not {split!r}: pass the matching meta")
+    if chunk_size < 1:
+        raise GenddError(f"chunk_size must be >= 1, got {chunk_size}: pass the image shard size")
+    if len(keys) != n or labels.shape != (n,):
+        raise GenddError(f"{split}: {len(keys)} keys and {labels.shape} labels for n={n} samples: pass one per sample")
+    if len(set(keys)) != n:
+        raise GenddError(f"{split}: sample keys are not unique: re-run gendd prepare")
+
+
+def _head_arrays(meta: CacheMeta, weight: np.ndarray, bias: np.ndarray) -> dict[str, np.ndarray]:
+    """The teacher classifier as float32, checked against the meta's dimensions."""
+    c, d = int(meta.teacher["num_classes"]), int(meta.teacher["feature_dim"])
+    weight, bias = np.asarray(weight, np.float32), np.asarray(bias, np.float32)
+    if weight.shape != (c, d) or bias.shape != (c,):
+        raise GenddError(f"teacher head has shapes {weight.shape}, {bias.shape}; meta says ({c}, {d}), ({c},)")
+    return {"weight": weight, "bias": bias}
+
+
+def _create_once(store_cls: type[ZarrStore] | type[WdsStore], path: Path, *layout: Any) -> None:
+    """Create the store at `path` unless it exists: built privately, then renamed into place (one creator wins)."""
+    if store_cls.exists(path):
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        store_cls.create(tmp, *layout)
+        os.rename(tmp, path)  # fails if another writer's store is already there (or the path is a non-empty dir)
+    except OSError as exc:
+        if not store_cls.exists(path):
+            raise GenddError(
+                f"{path} exists but is not a feature cache ({one_line(exc)}): delete it or pick another path"
+            ) from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_same_store(
+    store: ZarrStore | WdsStore, attrs: dict, chunk_size: int, keys: list[str], labels: np.ndarray
+) -> None:
+    """Refuse to resume into a store written for another teacher, dataset, view policy, codec or chunking."""
+    found = store.attrs
+    differs = [name for name in ("schema_version", "teacher", "dataset", "views") if found.get(name) != attrs[name]]
+    if found.get("codec") != attrs["codec"]:
+        differs.append(f"codec ({found.get('codec')!r}, not {attrs['codec']!r})")
+    if store.chunk_size != chunk_size:
+        differs.append(f"chunk_size ({store.chunk_size}, not {chunk_size})")
+    if not differs and store.keys() != keys:
+        differs.append("keys")
+    if not differs and not np.array_equal(store.labels(), labels):
+        differs.append("labels")
+    if differs:
+        raise GenddError(
+            f"{store.path} holds a cache with a different {', '.join(differs)}: delete it or pick another path"
+        )
+
+
+class FeatureCacheWriter:
+    """Fills one split's cache chunk by chunk; several writers (ranks) may fill disjoint chunks of one store."""
+
+    def __init__(self, store: ZarrStore | WdsStore, meta: CacheMeta):
+        self._store = store
+        self.meta = meta
+        self.path = store.path
+        self.n, self.K = int(meta.dataset["n"]), int(meta.views["K"])
+        self.feature_dim, self.num_classes = int(meta.teacher["feature_dim"]), int(meta.teacher["num_classes"])
+        self.chunk_size, self.n_chunks = store.chunk_size, store.n_chunks
+
+    @classmethod
+    def open(
+        cls,
+        cache_dir: str | Path,
+        split: str,
+        meta: CacheMeta,
+        *,
+        chunk_size: int,
+        keys: Sequence[str],
+        labels: np.ndarray,
+        head_weight: np.ndarray,
+        head_bias: np.ndarray,
+        fmt: str = "zarr",
+    ) -> FeatureCacheWriter:
+        """Create the store, or reopen an existing one with identical meta (resume); refuse a different meta."""
+        if fmt not in FORMATS:
+            raise GenddError(f"unknown cache format {fmt!r}: choose one of {', '.join(FORMATS)}")
+        meta.validate()
+        keys, labels = [str(key) for key in keys], np.asarray(labels).astype(np.int32)
+        _check_inputs(meta, split, chunk_size, keys, labels)
+        head = _head_arrays(meta, head_weight, head_bias)
+        store_cls = _STORES[fmt]
+        path = store_cls.location(Path(cache_dir), split)
+        attrs = meta.to_attrs()
+        _create_once(store_cls, path, attrs, chunk_size, keys, labels, head)
+        store = store_cls.open(path, writable=True)
+        _check_same_store(store, attrs, chunk_size, keys, labels)
+        return cls(store, meta)
+
+    def pending_chunks(self, rank: int = 0, world: int = 1) -> list[int]:
+        """Chunks not done yet that belong to `rank` of `world` writers (chunk i goes to rank i % world)."""
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} out of range for world size {world}")
+        done = self._store.done()
+        return [i for i in range(rank, self.n_chunks, world) if not done[i]]
+
+    def write_chunk(
+        self,
+        i: int,
+        features: np.ndarray,
+        logits: np.ndarray,
+        views: np.ndarray,
+        images: list[bytes] | None = None,
+    ) -> None:
+        """Write chunk i whole (features (n_i, K, D), logits (n_i, K, C), views (n_i, K, 5)), then mark it done."""
+        start, stop = _chunk_bounds(i, self.chunk_size, self.n)
+        arrays = {"features": np.asarray(features), "logits": np.asarray(logits), "views": np.asarray(views)}
+        for name, width in (("features", self.feature_dim), ("logits", self.num_classes), ("views", 5)):
+            if arrays[name].shape != (expected := (stop - start, self.K, width)):
+                raise GenddError(f"chunk {i}: {name} has shape {arrays[name].shape}, expected {expected} (n_i, K, dim)")
+        self._store.write(i, start, encode_chunk(self.meta.codec, **arrays), images)
+
+    def finalize(self) -> bool:
+        """Set `complete` iff every chunk is done (by any writer); return whether the store is complete."""
+        if not self._store.done().all():
+            return False
+        if not self.complete:
+            self._store.set_complete()
+        return True
+
+    @property
+    def complete(self) -> bool:
+        """Whether the store is marked complete."""
+        return bool(self._store.attrs.get("complete"))
+
+
+# ---- reader ---------------------------------------------------------------------------------------------------
+
+
+class FeatureCache:
+    """Read side of a cache, the same for both formats; features, logits and views come back as float32."""
+
+    def __init__(self, store: ZarrStore | WdsStore):
+        self._store = store
+        self.fmt, self.path = store.fmt, store.path
+        attrs = store.attrs
+        self.meta = CacheMeta.from_attrs(attrs)
+        self.complete = bool(attrs.get("complete"))
+        self.n, self.K = int(self.meta.dataset["n"]), int(self.meta.views["K"])
+        self.feature_dim = int(self.meta.teacher["feature_dim"])
+        self.num_classes = int(self.meta.teacher["num_classes"])
+        self.chunk_size, self.n_chunks = store.chunk_size, store.n_chunks
+        self.head_weight, self.head_bias = store.head()
+        self.labels = store.labels().astype(np.int64)
+        self.keys = store.keys()
+        self.done = np.ones(self.n_chunks, dtype=bool) if self.complete else store.done()
+
+    def read_chunk(self, i: int) -> dict[str, np.ndarray]:
+        """Chunk i: features (n_i, K, D), logits (n_i, K, C), views (n_i, K, 5) float32, labels (n_i,) int64."""
+        start, stop = _chunk_bounds(i, self.chunk_size, self.n)
+        if not self.done[i]:
+            raise GenddError(f"{self.path}: chunk {i} is not written yet: {_FIX} to finish the cache")
+        return decode_chunk(self.meta.codec, self._store.read(i, start, stop)) | {"labels": self.labels[start:stop]}
+
+    def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Samples at `indices` (any order, repeats allowed), reading each touched chunk once."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if indices.size and (indices.min() < 0 or indices.max() >= self.n):
+            raise IndexError(f"sample index out of range [0, {self.n})")
+        widths = {"features": self.feature_dim, "logits": self.num_classes, "views": 5}
+        out = {name: np.empty((len(indices), self.K, w), np.float32) for name, w in widths.items()}
+        out["labels"] = self.labels[indices]
+        chunk_of = indices // self.chunk_size
+        for c in np.unique(chunk_of):
+            rows = np.flatnonzero(chunk_of == c)
+            data = self.read_chunk(int(c))
+            for name in widths:
+                out[name][rows] = data[name][indices[rows] - c * self.chunk_size]
+        return out
+
+    def load_all(self) -> dict[str, np.ndarray]:
+        """The whole split in memory (small datasets)."""
+        return self.read(np.arange(self.n))
+
+    def info(self) -> dict:
+        """Sizes and storage cost, for `gendd cache info`."""
+        sizes = self._store.stored_bytes()
+        starts = np.flatnonzero(self.done) * self.chunk_size
+        n_done = int((np.minimum(starts + self.chunk_size, self.n) - starts).sum())  # samples in finished chunks
+        value_bytes = sum(sizes.get(name, 0) for name in ("features", "logits", "features_scale"))
+        n_values = n_done * self.K * (self.feature_dim + self.num_classes)
+        return {
+            "path": str(self.path),
+            "format": self.fmt,
+            "N": self.n,
+            "K": self.K,
+            "D": self.feature_dim,
+            "C": self.num_classes,
+            "codec": self.meta.codec,
+            "complete": self.complete,
+            "chunks_done": int(self.done.sum()),
+            "n_chunks": self.n_chunks,
+            "stored_bytes": sizes,
+            "bytes_per_sample_view": (value_bytes + sizes.get("views", 0)) / max(n_done * self.K, 1),
+            "bytes_per_value": value_bytes / max(n_values, 1),
+            "compression_ratio": 4 * n_values / value_bytes if value_bytes else 0.0,
+        }
+
+
+def _find_store(root: Path, split: str) -> ZarrStore | WdsStore:
+    """Open the split's store in whichever format exists (Zarr first), or say what to run."""
+    for store_cls in (ZarrStore, WdsStore):
+        path = store_cls.location(root, split)
+        if store_cls.exists(path):
+            store = store_cls.open(path)
+            version = store.attrs.get("schema_version")
+            if version is None:
+                raise GenddError(f"{path} is not a gendd feature cache (no schema_version): pick another path")
+            if version != SCHEMA_VERSION:
+                raise GenddError(f"{path} has cache schema {version}, this gendd reads {SCHEMA_VERSION}: {_FIX}")
+            return store
+        if path.exists():
+            raise GenddError(f"{path} is not a feature cache (half-created or foreign): delete it and {_FIX}")
+    if not root.is_dir():
+        raise GenddError(f"no feature cache at {root}: run gendd extract to build it")
+    cached = sorted(
+        {p.name.removesuffix(".zarr") for p in root.glob("*.zarr")}
+        | {p.name.removesuffix("-features") for p in root.glob("*-features")}
+    )
+    found = ", ".join(cached) or "none"
+    raise GenddError(f"{root} has no cached split {split!r} (cached: {found}): run gendd extract for split {split!r}")
+
+
+def open_cache(
+    cache_dir: str | Path,
+    split: str,
+    *,
+    teacher_sha256: str | None = None,
+    spec_hash: str | None = None,
+    allow_incomplete: bool = False,
+) -> FeatureCache:
+    """Open a split's cache; refuse a missing, incomplete (unless allowed) or mismatched one with what to run."""
+    cache = FeatureCache(_find_store(Path(cache_dir), split))
+    if not cache.complete and not allow_incomplete:
+        done = f"{int(cache.done.sum())} of {cache.n_chunks} chunks done"
+        raise GenddError(f"{cache.path} is incomplete ({done}): {_FIX} to finish it")
+    checks = (
+        ("teacher checkpoint sha256", cache.meta.teacher["checkpoint_sha256"], teacher_sha256, "with this teacher"),
+        ("dataset spec hash", cache.meta.dataset["spec_hash"], spec_hash, "after gendd prepare with this spec"),
+    )
+    for what, found, wanted, how in checks:
+        if wanted is not None and found != wanted:
+            raise GenddError(
+                f"{cache.path} was built for {what} {str(found)[:16]}, not {str(wanted)[:16]}: {_FIX} {how}"
+            )
+    return cache

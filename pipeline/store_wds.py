@@ -1,0 +1,198 @@
+"""WebDataset layout of the feature cache: self-contained training shards `<split>-features/<split>-NNNNNN.tar`.
+
+One tar per chunk (= per image shard), written to a temp file and moved into place, so a finished tar is the
+chunk's "done" flag. Each sample holds `__key__`, `png`, `cls` (labelled samples only) and per-sample `.npy` arrays
+in the codec's stored dtype (`features.npy`, `logits.npy`, `views.npy`, and `features_scale.npy` for int8).
+`meta.json` holds the attributes, labels, keys and chunking; `head.npz` the teacher classifier.
+The public interface is `pipeline.store`; this module only lays bytes out on disk.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import uuid
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import GenddError
+
+META = "meta.json"
+HEAD = "head.npz"
+ATTR_KEYS = ("schema_version", "teacher", "dataset", "views", "codec", "complete")
+_EXTENSIONS = ("features.npy", "features_scale.npy", "logits.npy", "views.npy", "png", "cls")
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message squeezed onto one line, to quote inside a one-line GenddError."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _replace_atomically(path: Path, data: bytes) -> None:
+    """Write `data` to a temp file next to `path`, then rename it over `path` (readers never see a partial file)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _load_npy(data: bytes, headers: dict[bytes, tuple[np.dtype, tuple]]) -> np.ndarray:
+    """np.load of one member, parsing each distinct header once (every sample of a chunk shares them)."""
+    end = 10 + int.from_bytes(data[8:10], "little")  # npy format 1.0: magic, version, 2-byte header length
+    known = headers.get(data[:end]) if data[6] == 1 else None
+    if known is None:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+        if data[6] == 1 and array.flags.c_contiguous:
+            headers[data[:end]] = (array.dtype, array.shape)
+        return array
+    return np.frombuffer(data, dtype=known[0], offset=end).reshape(known[1])
+
+
+class WdsStore:
+    """A `<split>-features/` directory of feature shards; the reader and writer of that layout."""
+
+    fmt = "webdataset"
+
+    def __init__(self, path: Path, meta: dict):
+        self.path = path
+        self._meta = meta
+        self.chunk_size = int(meta["chunk_size"])
+        self.n_chunks = int(meta["n_chunks"])
+
+    @staticmethod
+    def location(cache_dir: Path, split: str) -> Path:
+        """Directory that holds one split's feature shards."""
+        return cache_dir / f"{split}-features"
+
+    @staticmethod
+    def exists(path: Path) -> bool:
+        """Whether a (created) store is at `path`: meta.json is its creation marker."""
+        return (path / META).is_file()
+
+    @staticmethod
+    def create(path: Path, attrs: dict, chunk_size: int, keys: list[str], labels: np.ndarray, head: dict) -> None:
+        """Lay out an empty store in the (fresh, private) directory `path`."""
+        path.mkdir(parents=True, exist_ok=True)
+        n = len(keys)
+        with zipfile.ZipFile(path / HEAD, "w") as npz:  # np.savez would stamp the current time into the zip
+            for name in ("weight", "bias"):
+                npz.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), _npy_bytes(head[name]))
+        meta = dict(attrs, chunk_size=chunk_size, n_chunks=-(-n // chunk_size), labels=labels.tolist(), keys=keys)
+        (path / META).write_text(json.dumps(meta))
+
+    @classmethod
+    def open(cls, path: Path, writable: bool = False) -> WdsStore:
+        """Open an existing store (metadata only; shards are read per chunk; `writable` changes nothing here)."""
+        try:
+            meta = json.loads((path / META).read_text())
+        except (OSError, ValueError) as exc:
+            raise GenddError(
+                f"{path / META} cannot be read ({one_line(exc)}): delete {path} and re-run gendd extract"
+            ) from exc
+        return cls(path, meta)
+
+    @property
+    def attrs(self) -> dict:
+        """The store's attributes (same keys as the Zarr group attributes)."""
+        return {k: self._meta[k] for k in ATTR_KEYS if k in self._meta}
+
+    def keys(self) -> list[str]:
+        """Sample keys in global order."""
+        return list(self._meta["keys"])
+
+    def labels(self) -> np.ndarray:
+        """Labels (N,) int32, -1 = none."""
+        return np.asarray(self._meta["labels"], dtype=np.int32)
+
+    def head(self) -> tuple[np.ndarray, np.ndarray]:
+        """Teacher classifier weight (C, D) and bias (C,), float32."""
+        with np.load(self.path / HEAD) as head:
+            return head["weight"].astype(np.float32), head["bias"].astype(np.float32)
+
+    def shard_path(self, i: int) -> Path:
+        """Tar file of chunk i."""
+        return self.path / f"{self._meta['dataset']['split']}-{i:06d}.tar"
+
+    def done(self) -> np.ndarray:
+        """(n_chunks,) bool: chunk i is done when its tar exists (tars only appear whole, via rename)."""
+        # Not cached in meta.json: deleting a damaged tar and re-running extraction then rewrites just that chunk.
+        return np.array([self.shard_path(i).is_file() for i in range(self.n_chunks)], dtype=bool)
+
+    def write(self, i: int, start: int, stored: dict[str, np.ndarray], images: list[bytes] | None) -> None:
+        """Write chunk i (samples start.. start+n_i) as one tar, atomically."""
+        # Imported here: webdataset pulls in torch (seconds), which readers and the Zarr format never need.
+        from webdataset import TarWriter
+
+        n_i = len(stored["views"])
+        if images is None or len(images) != n_i:
+            got = "none" if images is None else len(images)
+            raise GenddError(
+                f"chunk {i}: the webdataset cache stores images: pass images= ({n_i} png bytes, got {got})"
+            )
+        keys, labels = self._meta["keys"][start : start + n_i], self._meta["labels"][start : start + n_i]
+        buffer = io.BytesIO()
+        # Fixed mtime/owner so that writing a chunk twice gives the same bytes.
+        with TarWriter(buffer, encoder=False, mtime=0, user="gendd", group="gendd") as sink:
+            for j in range(n_i):
+                sample = {"__key__": keys[j], "png": bytes(images[j])}
+                if labels[j] >= 0:
+                    sample["cls"] = str(labels[j]).encode()
+                sample.update({f"{name}.npy": _npy_bytes(array[j]) for name, array in stored.items()})
+                sink.write(sample)
+        _replace_atomically(self.shard_path(i), buffer.getvalue())
+
+    def read(self, i: int, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Stored (not decoded) per-sample arrays of chunk i, stacked along samples."""
+        # tarfile, not webdataset's pipeline: we read one local shard whole and in order, checking every key against
+        # meta.json; webdataset's stream/decoder stages (and its torch import) add nothing here.
+        keys = self._meta["keys"][start:stop]
+        columns: dict[str, list[np.ndarray]] = {}
+        headers: dict[bytes, tuple[np.dtype, tuple]] = {}
+        j = -1
+        path = self.shard_path(i)
+        try:
+            with tarfile.open(fileobj=io.BytesIO(path.read_bytes()), mode="r:") as tar:  # one read per shard
+                for member in tar:
+                    if j < 0 or not member.name.startswith(keys[j] + "."):
+                        j += 1
+                        if j >= len(keys) or not member.name.startswith(keys[j] + "."):
+                            raise GenddError(
+                                f"{path}: unexpected member {member.name!r}: delete it and re-run gendd extract"
+                            )
+                    ext = member.name[len(keys[j]) + 1 :]
+                    if ext.endswith(".npy"):
+                        data = tar.extractfile(member).read()
+                        columns.setdefault(ext[:-4], []).append(_load_npy(data, headers))
+        except (OSError, tarfile.TarError, ValueError) as exc:
+            raise GenddError(f"{path} cannot be read ({one_line(exc)}): delete it and re-run gendd extract") from exc
+        if j != len(keys) - 1 or any(len(c) != len(keys) for c in columns.values()):
+            raise GenddError(f"{path} holds {j + 1} samples, expected {len(keys)}: delete it and re-run gendd extract")
+        return {name: np.stack(arrays) for name, arrays in columns.items()}
+
+    def set_complete(self) -> None:
+        """Record completion (and the per-chunk done list) in meta.json; done last, after every tar exists."""
+        meta = dict(self._meta, complete=True, done=[True] * self.n_chunks)
+        _replace_atomically(self.path / META, json.dumps(meta).encode())
+        self._meta = meta
+
+    def stored_bytes(self) -> dict[str, int]:
+        """Bytes stored per array (tar member payloads of finished shards) plus meta.json and head.npz."""
+        sizes = {"meta": (self.path / META).stat().st_size, "head": (self.path / HEAD).stat().st_size}
+        for i in np.flatnonzero(self.done()):
+            with tarfile.open(self.shard_path(int(i)), "r:") as tar:
+                for member in tar:
+                    name = next((e for e in _EXTENSIONS if member.name.endswith("." + e)), "other").removesuffix(".npy")
+                    sizes[name] = sizes.get(name, 0) + member.size
+        return sizes

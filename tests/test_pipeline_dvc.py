@@ -1,0 +1,94 @@
+"""`dvc repro` end to end on tiny params: runs, is idempotent, and a new student re-runs only its own stages."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import ROOT
+
+TINY = {
+    "prepare": {"shard_size": 64, "max_samples": 160},
+    "teacher": {"model": "test_resnet", "epochs": 1, "batch_size": 64},
+    "extract": {"views": 2, "batch_size": 256},
+    "distill": {
+        "epochs": 2,
+        "warmstart_epochs": 1,
+        "batch_size": 64,
+        "token_dim": 32,
+        "head_width": 32,
+        "head_depth": 1,
+        "diffusion_batch_mul": 1,
+    },
+    "evaluate": {"steps": 3, "n_samples": 1},
+}
+
+
+def _run(cwd: Path, *args: str) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the project's pipeline files in a fresh git + DVC repo, with tiny params."""
+    if shutil.which("git") is None:
+        pytest.skip("git is needed for DVC")
+    root = tmp_path_factory.mktemp("project")
+    for name in ("pipeline", "stages", "data_specs"):
+        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, root / name)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for block, values in TINY.items():
+        params[block].update(values)
+    params["students"], params["methods"] = ["test_resnet"], ["ce", "kd", "gendd"]
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(root, "git", "init", "-q")
+    _run(root, sys.executable, "-m", "dvc", "init", "-q")
+    _run(root, "git", "add", "-A")
+    _run(root, "git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "commit", "-qm", "init")
+    return root
+
+
+def test_repro_runs_end_to_end_and_reports(project: Path) -> None:
+    out = _run(project, sys.executable, "-m", "dvc", "repro")
+    report = (project / "outputs" / "report" / "report.md").read_text()
+    for method in ("ce", "kd", "gendd"):
+        assert f"| test_resnet | {method} |" in report
+    assert "| teacher |" in out  # the report stage prints the table
+    assert (project / "data" / "cache" / "train.zarr").is_dir()
+
+
+def test_second_repro_does_nothing(project: Path) -> None:
+    out = _run(project, sys.executable, "-m", "dvc", "repro")
+    assert "Running stage" not in out and "up to date" in out
+
+
+def test_new_student_reruns_only_its_stages(project: Path) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["students"].append("test_convnext")
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = _run(project, sys.executable, "-m", "dvc", "status")
+    changed = {line.rstrip(":") for line in status.splitlines() if line and not line.startswith((" ", "\t"))}
+    assert changed and all("test_convnext" in stage or stage == "report" for stage in changed), changed
+    out = _run(project, sys.executable, "-m", "dvc", "repro")
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {f"{s}@test_convnext-{m}" for s in ("distill", "evaluate") for m in ("ce", "kd", "gendd")} | {
+        "report"
+    }
+
+
+def test_dag_metrics_and_plots(project: Path) -> None:
+    assert "report" in _run(project, sys.executable, "-m", "dvc", "dag")
+    assert "probe_top1" in _run(project, sys.executable, "-m", "dvc", "metrics", "show")
+    _run(project, sys.executable, "-m", "dvc", "plots", "show", "-o", str(project / "plots"))
+    assert (project / "plots" / "index.html").is_file()
