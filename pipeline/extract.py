@@ -108,10 +108,9 @@ def extract_split(cfg: ExtractConfig, split: str, runner: TeacherRunner, rank: i
     """Fill this rank's missing chunks of one split; returns counts and throughput."""
     index = load_index(cfg.shards)
     shards = index.split(split)
-    if index.spec_hash != runner.card.get("extra", {}).get("spec_hash", index.spec_hash):
-        print(
-            f"note: teacher was trained on data spec {runner.card['extra']['spec_hash']}, extracting {index.spec_hash}"
-        )
+    trained_on = (runner.card.get("extra") or {}).get("spec_hash", index.spec_hash)
+    if trained_on != index.spec_hash:
+        print(f"note: the teacher was trained on data spec {trained_on}, extracting spec {index.spec_hash}")
     k = cfg.num_views if split == "train" else cfg.eval_views
     keys, labels = _split_keys(shards)
     writer = FeatureCacheWriter.open(
@@ -188,18 +187,21 @@ def extract(cfg: ExtractConfig) -> list[dict]:
 
 def verify_cache(cache: Path, split: str, teacher: Path, shards: Path, samples: int = 32, seed: int = 0) -> dict:
     """Recompute random (sample, view) pairs with the teacher and compare with the cache (max abs / min cosine)."""
-    store = open_cache(cache, split, teacher_sha256=teacher_fingerprint(teacher)["checkpoint_sha256"])
-    runner = TeacherRunner(teacher, torch.device("cpu"), None)
     index = load_index(shards)
+    sha = teacher_fingerprint(teacher)["checkpoint_sha256"]
+    store = open_cache(cache, split, teacher_sha256=sha, spec_hash=index.spec_hash)
+    runner = TeacherRunner(teacher, torch.device("cpu"), None)
     rng = np.random.default_rng(seed)
     picks = np.sort(rng.choice(store.n, size=min(samples, store.n), replace=False))
     view_of = rng.integers(0, store.K, size=len(picks))
     cached = store.read(picks)
     shard_set = index.split(split)
-    images = []
+    images, decoded = [], {}
     for p in picks:
         shard = int(np.searchsorted(shard_set.starts, p, side="right") - 1)
-        images.append(read_shard(shard_set.path(shard)).images[p - shard_set.starts[shard]])
+        if shard not in decoded:  # each touched shard is decoded once
+            decoded[shard] = read_shard(shard_set.path(shard)).images
+        images.append(decoded[shard][p - shard_set.starts[shard]])
     views = torch.from_numpy(cached["views"][np.arange(len(picks)), view_of])
     feats, _ = runner(torch.stack(images), views)
     stored = torch.from_numpy(cached["features"][np.arange(len(picks)), view_of])

@@ -278,6 +278,7 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, history = state["epoch"] + 1, state["history"]
+        torch.set_rng_state(state["rng"])  # noise draws continue as if never interrupted
         accelerator.print(f"resuming {out} from epoch {start}")
     model_has_proj = model.proj is not None
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -335,6 +336,7 @@ def train(
                     "history": history,
                     "model": unwrapped.state_dict(),
                     "optimizer": optimizer.state_dict(),
+                    "rng": torch.get_rng_state(),
                 },
             )
         accelerator.wait_for_everyone()
