@@ -141,8 +141,9 @@ def distill(cfg: DistillConfig) -> dict:
     return summary
 
 
-def load_student(out: Path) -> tuple[Student, dict]:
+def load_student(out: str | Path) -> tuple[Student, dict]:
     """The exported student with its generative head (if it has one), in eval mode."""
+    out = Path(out)
     net, card = load_model(out, "student")
     head = None
     if card["extra"].get("head"):

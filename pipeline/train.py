@@ -51,6 +51,7 @@ class TrainConfig:
     head_depth: int = 3
     diffusion_batch_mul: int = 4
     cond_dropout: float = 0.2
+    head_lr_mult: float = 2.5  # head + probe learning rate over the backbone's (1.0 = the paper's single lr)
     target_norm: bool = True  # standardise diffusion targets per dimension (False = the paper's raw targets)
     input_size: int | None = None  # default: the teacher's input size (or the images' size)
     policy: ViewPolicy = field(default_factory=ViewPolicy)  # augmentation when training without a cache
@@ -184,14 +185,22 @@ def check_data_serves(cfg: TrainConfig, data: TrainData) -> None:
         raise GenddError(f"warmstart_epochs ({cfg.warmstart_epochs}) must be fewer than epochs ({cfg.epochs})")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Official grouping: decay on weight matrices of the backbone; none on the head, norms and biases."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if name.startswith("head.") or param.ndim <= 1 else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(model: Student, weight_decay: float, head_lr_mult: float = 1.0) -> list[dict]:
+    """Official grouping (decay on backbone weight matrices; none on norms and biases), plus a group for the
+    generative head and the detached linear probe: no decay, lr x head_lr_mult (they start from scratch and must
+    converge within a short budget; the probe never feeds gradient to the backbone)."""
+    fast = {id(p) for p in model.head.parameters()} if model.head is not None else set()
+    if model.head is not None:
+        fast |= {id(p) for p in model.net.get_classifier().parameters()}
+    groups = {"decay": [], "no_decay": [], "head": []}
+    for param in model.parameters():
+        if param.requires_grad:
+            groups["head" if id(param) in fast else "decay" if param.ndim > 1 else "no_decay"].append(param)
+    return [
+        {"params": groups["decay"], "weight_decay": weight_decay, "lr_mult": 1.0},
+        {"params": groups["no_decay"], "weight_decay": 0.0, "lr_mult": 1.0},
+        {"params": groups["head"], "weight_decay": 0.0, "lr_mult": head_lr_mult},
+    ]
 
 
 def schedule(step: int, total: int, warmup: int, cfg: TrainConfig) -> tuple[float, float]:
@@ -270,7 +279,8 @@ def train(
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
     torch.manual_seed(cfg.seed)
     model = build_student(cfg, data, input_size)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2_start))
+    groups = param_groups(model, cfg.weight_decay, cfg.head_lr_mult)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2_start))
     ckpt_path = out / "checkpoint.pt"
     state = _load_checkpoint(ckpt_path, cfg, resume)
     start, history = 0, []
@@ -305,7 +315,7 @@ def train(
             idx = order[step_in_epoch * cfg.batch_size : (step_in_epoch + 1) * cfg.batch_size]
             lr, beta2 = schedule(epoch * steps_per_epoch + step_in_epoch, total_steps, warmup, cfg)
             for group in optimizer.param_groups:
-                group["lr"], group["betas"] = lr, (0.9, beta2)
+                group["lr"], group["betas"] = lr * group["lr_mult"], (0.9, beta2)
             x = apply_views(images[idx.to(device)], views[idx].to(device), input_size, data.mean, data.std)
             with accelerator.autocast():
                 loss, logs = model(x, _batch(data, idx, view_index, device), cfg.objective, warm)

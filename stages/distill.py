@@ -29,6 +29,7 @@ def command(
     head_depth: int = typer.Option(3),
     diffusion_batch_mul: int = typer.Option(4, help="Noise draws per (sample, token) row."),
     cond_dropout: float = typer.Option(0.2),
+    head_lr_mult: float = typer.Option(2.5, help="Head and probe lr over the backbone lr (1 = paper's single lr)."),
     target_norm: bool = typer.Option(True, help="Standardise diffusion targets per dimension (off = paper's raw)."),
     input_size: int | None = typer.Option(None, help="Student input size (default: the teacher's)."),
     policy: str = typer.Option("rrc", help="Augmentation when training without a cache (ce)."),

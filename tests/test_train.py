@@ -54,12 +54,12 @@ TINY = TrainConfig(
 
 def test_param_groups_exempt_head_norms_and_biases() -> None:
     student = build_student(TINY, _data(), 8)
-    decay, no_decay = param_groups(student, 0.05)
-    head_ids = {id(p) for p in student.head.parameters()}
-    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    assert not head_ids & {id(p) for p in decay["params"]}
+    decay, no_decay, head = param_groups(student, 0.05, 2.5)
+    head_ids = {id(p) for p in student.head.parameters()} | {id(p) for p in student.net.get_classifier().parameters()}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == head["weight_decay"] == 0.0
+    assert head_ids == {id(p) for p in head["params"]} and head["lr_mult"] == 2.5 == 2.5 * decay["lr_mult"]
     assert all(p.ndim > 1 for p in decay["params"])
-    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == sum(
+    assert sum(p.numel() for g in (decay, no_decay, head) for p in g["params"]) == sum(
         p.numel() for p in student.parameters()
     )
 
