@@ -1,0 +1,250 @@
+"""Accuracy benchmark on Fashion-MNIST: GenDD against KD, KL and CE; balanced, long-tailed and unlabeled.
+
+Runs the real `gendd` CLI stage by stage (each stage resumes or skips finished work), then writes the comparison
+table to benchmarks/results/accuracy_fmnist_<profile>.{md,json}. Profiles: `cpu` (a reduced run for 2 CPU cores:
+a 10k-image training subset, fewer epochs) and `gpu` (the whole training set). Parts: balanced, longtail, unlabeled.
+
+    python benchmarks/accuracy_fmnist.py --profile cpu --part all
+    python benchmarks/accuracy_fmnist.py --profile gpu --part balanced --data .carry/data/fashion-mnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILES = {
+    # max_samples caps every split (the CPU profile keeps the full 10k test split); epochs are equal for all methods.
+    "cpu": {
+        "max_samples": 10000,
+        "teacher": "resnet18",
+        "teacher_epochs": 12,
+        "students": ["test_efficientnet", "mobilenetv3_small_050"],
+        "epochs": 12,
+        "views": 8,
+        "batch": 128,
+        "steps": 10,
+        "n_samples": 3,
+    },
+    "gpu": {
+        "max_samples": 0,
+        "teacher": "resnet18",
+        "teacher_epochs": 30,
+        "students": ["resnet10t", "mobilenetv3_small_050"],
+        "epochs": 30,
+        "views": 8,
+        "batch": 256,
+        "steps": 10,
+        "n_samples": 5,
+    },
+}
+PARTS = {
+    "balanced": ("fashion_mnist", ["ce", "kd", "gendd"]),
+    "unlabeled": ("fashion_mnist", ["kl", "gendd_unsup"]),
+    "longtail": ("fashion_mnist_lt", ["ce", "kd", "gendd"]),
+}
+# GenDD settings chosen on the digits set's own validation split (never on Fashion-MNIST's test split); see README.
+GENDD = ["--token-dim", "64", "--head-width", "256", "--diffusion-batch-mul", "2", "--head-lr-mult", "2.5"]
+
+
+def gendd(*args: str) -> None:
+    print("+ gendd", " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", "stages.app", *args], check=True, cwd=ROOT)
+
+
+def run_part(part: str, prof: dict, data: str | None, root: Path, seed: int) -> list[dict]:
+    spec_name, methods = PARTS[part]
+    base = root / spec_name
+    shards, teacher, cache = base / "shards", base / "teacher", base / "cache"
+    source = ["--source-path", data] if data else []
+    gendd(
+        "prepare",
+        "--spec",
+        f"data_specs/{spec_name}.yaml",
+        "--out",
+        str(shards),
+        "--shard-size",
+        "1000",
+        "--max-samples",
+        str(prof["max_samples"]),
+        *source,
+    )
+    gendd(
+        "teacher",
+        "--shards",
+        str(shards),
+        "--out",
+        str(teacher),
+        "--model",
+        prof["teacher"],
+        "--no-small-stem",
+        "--epochs",
+        str(prof["teacher_epochs"]),
+        "--batch-size",
+        str(prof["batch"]),
+        "--policy",
+        "rrc",
+    )
+    gendd(
+        "extract",
+        "--shards",
+        str(shards),
+        "--teacher",
+        str(teacher),
+        "--out",
+        str(cache),
+        "--views",
+        str(prof["views"]),
+        "--policy",
+        "rrc",
+    )
+    rows = []
+    for student in prof["students"]:
+        for method in methods:
+            run = f"{student}-{method}-s{seed}"
+            out, ev = base / "students" / run, base / "eval" / run
+            started = time.perf_counter()
+            extra = GENDD if method.startswith("gendd") else []
+            gendd(
+                "distill",
+                "--shards",
+                str(shards),
+                "--cache",
+                str(cache),
+                "--out",
+                str(out),
+                "--student",
+                student,
+                "--no-small-stem",
+                "--method",
+                method,
+                "--epochs",
+                str(prof["epochs"]),
+                "--batch-size",
+                str(prof["batch"]),
+                "--seed",
+                str(seed),
+                *extra,
+            )
+            if not (ev / "metrics.json").is_file():
+                gendd(
+                    "evaluate",
+                    "--shards",
+                    str(shards),
+                    "--cache",
+                    str(cache),
+                    "--student",
+                    str(out),
+                    "--out",
+                    str(ev),
+                    "--steps",
+                    str(prof["steps"]),
+                    "--n-samples",
+                    str(prof["n_samples"]),
+                )
+            metrics = json.loads((ev / "metrics.json").read_text())
+            wall = time.perf_counter() - started
+            rows.append({"part": part, "student": student, "method": method, "seed": seed, "wall_s": wall, **metrics})
+    return rows
+
+
+def shot_groups(row: dict, counts: list[int]) -> dict:
+    """Many (>= 1000 training images), medium, few (< 200) shot accuracy from per-class top-1 (probe path)."""
+    per_class = row.get("probe_per_class") or []
+    groups = {"many": [], "medium": [], "few": []}
+    for count, acc in zip(counts, per_class, strict=False):
+        groups["many" if count >= 1000 else "few" if count < 200 else "medium"].append(acc)
+    return {k: sum(v) / len(v) for k, v in groups.items() if v}
+
+
+def table(rows: list[dict], root: Path) -> str:
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = [
+        "| part | student | method | seed | probe top-1 | generative top-1 | probe - KD | teacher | "
+        "many / medium / few | wall s |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+    ]
+    for r in rows:
+        kd = next(
+            (
+                k["probe_top1"]
+                for k in rows
+                if k["part"] == r["part"]
+                and k["student"] == r["student"]
+                and k["seed"] == r["seed"]
+                and k["method"] == ("kl" if r["part"] == "unlabeled" else "kd")
+            ),
+            None,
+        )
+        main = r.get("generative_top1") if r["method"] == "gendd_unsup" else r["probe_top1"]
+        delta = None if kd is None or main is None else main - kd
+        shots = ""
+        if r["part"] == "longtail":
+            index = json.loads((root / "fashion_mnist_lt" / "shards" / "index.json").read_text())
+            counts = _class_counts(root / "fashion_mnist_lt" / "shards", index)
+            g = shot_groups(r, counts)
+            shots = " / ".join(fmt(g.get(k)) for k in ("many", "medium", "few"))
+        lines.append(
+            f"| {r['part']} | {r['student']} | {r['method']} | {r['seed']} | {fmt(r['probe_top1'])} | "
+            f"{fmt(r.get('generative_top1'))} | {'-' if delta is None else f'{delta:+.2f}'} | "
+            f"{fmt(r.get('teacher_top1'))} | {shots} | {r['wall_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _class_counts(shards: Path, index: dict) -> list[int]:
+    from pipeline.shards import load_index, read_shard_labels
+
+    ix = load_index(shards)
+    labels = [y for i in range(len(ix.split("train").names)) for y in read_shard_labels(ix.split("train").path(i))[1]]
+    return [labels.count(c) for c in range(int(index["spec"]["num_classes"]))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--part", choices=[*PARTS, "all"], default="all")
+    parser.add_argument("--data", default=None, help="Fashion-MNIST IDX directory (default: the spec's path)")
+    parser.add_argument("--root", default=str(ROOT / "outputs" / "bench_fmnist"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args()
+    prof, root = PROFILES[args.profile], Path(args.root) / args.profile
+    parts = list(PARTS) if args.part == "all" else [args.part]
+    rows: list[dict] = []
+    for seed in args.seeds:
+        for part in parts:
+            rows += run_part(part, prof, args.data, root, seed)
+            write_results(rows, args, prof, root)  # after every part, so a long run leaves what it finished
+
+
+def write_results(rows: list[dict], args: argparse.Namespace, prof: dict, root: Path) -> None:
+    machine = f"{platform.processor() or platform.machine()}, {subprocess.getoutput('nproc')} cores"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            machine = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    md = (
+        f"# Fashion-MNIST accuracy ({args.profile} profile)\n\nMachine: {machine}. Seeds: {args.seeds}. "
+        f"Profile: {json.dumps(prof)}.\n\n" + table(rows, root)
+    )
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"accuracy_fmnist_{args.profile}" + ("" if args.part == "all" else f"_{args.part}")
+    (out / f"{name}.md").write_text(md)
+    slim = [{k: v for k, v in r.items() if not k.endswith("_per_class")} for r in rows]
+    (out / f"{name}.json").write_text(json.dumps({"machine": machine, "profile": prof, "rows": slim}, indent=1))
+    print(md, flush=True)
+
+
+if __name__ == "__main__":
+    main()
