@@ -14,19 +14,20 @@ import yaml
 from .conftest import ROOT
 
 TINY = {
-    "prepare": {"shard_size": 64, "max_samples": 160},
-    "teacher": {"model": "test_resnet", "epochs": 1, "batch_size": 64},
-    "extract": {"views": 2, "batch_size": 256},
+    "prepare": {"shard-size": 64, "max-samples": 160},
+    "teacher": {"model": "test_resnet", "epochs": 1, "batch-size": 64},
+    "extract": {"views": 2, "batch-size": 256},
     "distill": {
         "epochs": 2,
-        "warmstart_epochs": 1,
-        "batch_size": 64,
-        "token_dim": 32,
-        "head_width": 32,
-        "head_depth": 1,
-        "diffusion_batch_mul": 1,
+        "warmstart-epochs": 1,
+        "batch-size": 64,
+        "token-dim": 32,
+        "head-width": 32,
+        "head-depth": 1,
+        "diffusion-batch-mul": 1,
+        "target-norm": False,
     },
-    "evaluate": {"steps": 3, "n_samples": 1},
+    "evaluate": {"steps": 3, "n-samples": 1},
 }
 
 
@@ -47,6 +48,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(ROOT / name, root / name)
+
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for block, values in TINY.items():
         params[block].update(values)
@@ -54,6 +56,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(root, "git", "init", "-q")
     _run(root, sys.executable, "-m", "dvc", "init", "-q")
+    shutil.copy(ROOT / ".dvc" / "config", root / ".dvc" / "config")  # parsing.bool: --no-flag for false
     _run(root, "git", "add", "-A")
     _run(root, "git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "commit", "-qm", "init")
     return root
