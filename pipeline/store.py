@@ -24,19 +24,16 @@ import json
 import os
 import shutil
 import uuid
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.errors import GenddError
 from pipeline.store_wds import WdsStore, one_line
+from pipeline.store_zarr import ZarrStore
 
 SCHEMA_VERSION = 1
 CODECS = ("zstd", "lz4", "none", "bf16", "int8")
@@ -92,23 +89,6 @@ class CacheMeta:
 # ---- codecs: what is stored for each codec, and back to float32 -------------------------------------------------
 
 
-def _stored_dtypes(codec: str) -> dict[str, type]:
-    """Dtype of every per-sample array the codec stores."""
-    value = {"bf16": np.uint16, "int8": np.int8}.get(codec, np.float16)
-    dtypes = {"features": value, "logits": np.uint16 if codec == "bf16" else np.float16, "views": np.float32}
-    return dtypes | ({"features_scale": np.float32} if codec == "int8" else {})
-
-
-def _compressors(codec: str) -> tuple[BloscCodec | Crc32cCodec, ...]:
-    """Zarr bytes codecs: Blosc (lz4 for "lz4", none for "none", zstd otherwise, lossy ones included), then crc32c."""
-    # The checksum makes a truncated or corrupt chunk fail to decode; Blosc alone may decode it into garbage.
-    if codec == "none":
-        return (Crc32cCodec(),)
-    # zstd at clevel 1: on post-ReLU float16 features it compresses as well as clevel 5 (1.69x) at ~6x the speed.
-    cname, clevel = ("lz4", 5) if codec == "lz4" else ("zstd", 1)
-    return (BloscCodec(cname=cname, clevel=clevel, shuffle="shuffle"), Crc32cCodec())
-
-
 def _to_float16(name: str, x: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):  # overflow is reported below, as a GenddError
         half = x.astype(np.float16)
@@ -161,130 +141,6 @@ def decode_chunk(codec: str, stored: dict[str, np.ndarray]) -> dict[str, np.ndar
         "logits": np.asarray(logits, np.float32),
         "views": np.asarray(stored["views"], np.float32),
     }
-
-
-# ---- Zarr layout ----------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def _quiet_zarr() -> Iterator[None]:
-    """Silence zarr's notes that string arrays are outside the core v3 spec (older 3.1.x warn on vlen-utf8)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=zarr.errors.UnstableSpecificationWarning)
-        warnings.filterwarnings("ignore", message=".*vlen-utf8.*")
-        yield
-
-
-class ZarrStore:
-    """A `<split>.zarr` group; the reader and writer of that layout."""
-
-    fmt = "zarr"
-
-    def __init__(self, path: Path, group: zarr.Group):
-        self.path = path
-        self._group = group
-        self._arrays = {
-            name: group[name] for name in ("features", "logits", "views", "features_scale") if name in group
-        }
-        self._done = group["done"]
-        self.chunk_size = int(self._arrays["features"].chunks[0])
-        self.n_chunks = int(self._done.shape[0])
-
-    @staticmethod
-    def location(cache_dir: Path, split: str) -> Path:
-        """Directory of one split's Zarr group."""
-        return cache_dir / f"{split}.zarr"
-
-    @staticmethod
-    def exists(path: Path) -> bool:
-        """Whether a (created) store is at `path`: the group's zarr.json is its creation marker."""
-        return (path / "zarr.json").is_file()
-
-    @staticmethod
-    def create(path: Path, attrs: dict, chunk_size: int, keys: list[str], labels: np.ndarray, head: dict) -> None:
-        """Lay out an empty store (every array, no chunk data) in the fresh, private directory `path`."""
-        codec, n, k = attrs["codec"], len(keys), int(attrs["views"]["K"])
-        widths = {"features": attrs["teacher"]["feature_dim"], "logits": attrs["teacher"]["num_classes"], "views": 5}
-        compressors = _compressors(codec)
-        with _quiet_zarr():
-            group = zarr.create_group(store=str(path), zarr_format=3, attributes=attrs)
-            for name, dtype in _stored_dtypes(codec).items():
-                shape = (n, k, int(widths[name])) if name in widths else (n, k)
-                group.create_array(
-                    name, shape=shape, chunks=(chunk_size, *shape[1:]), dtype=dtype, compressors=compressors
-                )
-            group.create_array("labels", data=labels.astype(np.int32), chunks=(max(n, 1),), compressors=compressors)
-            group.create_array("keys", shape=(n,), chunks=(max(n, 1),), dtype=str, compressors=compressors)
-            group["keys"][:] = np.asarray(keys, dtype=np.dtypes.StringDType())
-            head_group = group.create_group("head")
-            for name in ("weight", "bias"):
-                head_group.create_array(name, data=head[name], compressors=compressors)
-            n_chunks = -(-n // chunk_size)
-            group.create_array(
-                "done", shape=(n_chunks,), chunks=(1,), dtype=bool, fill_value=False, compressors=compressors
-            )
-
-    @classmethod
-    def open(cls, path: Path, writable: bool = False) -> ZarrStore:
-        """Open an existing store; a damaged one is a GenddError."""
-        try:
-            # Every chunk gets a file, even all-zero ones, so that a missing file always means a damaged store.
-            with _quiet_zarr(), zarr.config.set({"array.write_empty_chunks": True}):
-                return cls(path, zarr.open_group(str(path), mode="r+" if writable else "r", zarr_format=3))
-        except (OSError, ValueError, KeyError) as exc:
-            raise GenddError(f"{path} is not a readable feature cache ({one_line(exc)}): delete it and {_FIX}") from exc
-
-    @property
-    def attrs(self) -> dict:
-        """The group's attributes."""
-        return self._group.attrs.asdict()
-
-    def keys(self) -> list[str]:
-        """Sample keys in global order."""
-        with _quiet_zarr():
-            return [str(key) for key in self._group["keys"][:].tolist()]
-
-    def labels(self) -> np.ndarray:
-        """Labels (N,) int32, -1 = none."""
-        return np.asarray(self._group["labels"][:], dtype=np.int32)
-
-    def head(self) -> tuple[np.ndarray, np.ndarray]:
-        """Teacher classifier weight (C, D) and bias (C,), float32."""
-        weight, bias = self._group["head/weight"][:], self._group["head/bias"][:]
-        return np.asarray(weight, np.float32), np.asarray(bias, np.float32)
-
-    def done(self) -> np.ndarray:
-        """(n_chunks,) bool, read fresh from disk (other writers may have filled chunks)."""
-        return np.asarray(self._done[:], dtype=bool)
-
-    def write(self, i: int, start: int, stored: dict[str, np.ndarray], images: list[bytes] | None) -> None:
-        """Write chunk i's arrays (whole chunks only), then mark it done; images live in the image shards."""
-        for name, array in stored.items():
-            self._arrays[name][start : start + len(array)] = array
-        self._done[i] = True
-
-    def read(self, i: int, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Stored (not decoded) arrays of chunk i."""
-        try:
-            for name, array in self._arrays.items():  # zarr would silently return zeros for a lost chunk file
-                if not self.path.joinpath(name, "c", str(i), *["0"] * (array.ndim - 1)).is_file():
-                    raise FileNotFoundError(f"{name} chunk file missing")
-            return {name: array[start:stop] for name, array in self._arrays.items()}
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise GenddError(
-                f"{self.path}: chunk {i} cannot be read ({one_line(exc)}): delete the store and {_FIX}"
-            ) from exc
-
-    def set_complete(self) -> None:
-        """Mark the store complete (the last write of an extraction)."""
-        self._group.attrs["complete"] = True
-
-    def stored_bytes(self) -> dict[str, int]:
-        """Chunk bytes stored per array (without each array's small zarr.json)."""
-        sizes = {}
-        for name in [*self._arrays, "labels", "keys", "head/weight", "head/bias", "done"]:
-            sizes[name] = self._group[name].nbytes_stored() - (self.path / name / "zarr.json").stat().st_size
-        return sizes
 
 
 _STORES: dict[str, type[ZarrStore] | type[WdsStore]] = {"zarr": ZarrStore, "webdataset": WdsStore}
