@@ -262,6 +262,74 @@ def _load_checkpoint(path: Path, cfg: TrainConfig, resume: bool) -> dict | None:
     return state
 
 
+@dataclass
+class _Run:
+    """What one training run carries from epoch to epoch."""
+
+    accelerator: object
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    images: torch.Tensor  # (N, C, H, W) uint8, on the device
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+    has_proj: bool
+
+
+def _start_run(cfg: TrainConfig, data: TrainData, input_size: int, ckpt_path: Path, resume: bool):
+    """Build model and optimizer, restore a checkpoint if one matches; returns (run, first epoch, history)."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
+    torch.manual_seed(cfg.seed)
+    model = build_student(cfg, data, input_size)
+    groups = param_groups(model, cfg.weight_decay, cfg.head_lr_mult)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2_start))
+    state = _load_checkpoint(ckpt_path, cfg, resume)
+    start, history = 0, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = state["epoch"] + 1, state["history"]
+        torch.set_rng_state(state["rng"])  # noise draws continue as if never interrupted
+        accelerator.print(f"resuming {ckpt_path.parent} from epoch {start}")
+    has_proj = model.proj is not None
+    model, optimizer = accelerator.prepare(model, optimizer)
+    steps_per_epoch = math.ceil(len(data.labels) // accelerator.num_processes / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch  # the warm start is inside the budget: equal epochs for every method
+    warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
+    images = data.images.to(accelerator.device)  # small datasets live on the device whole; batches are gathers
+    return _Run(accelerator, model, optimizer, images, steps_per_epoch, total_steps, warmup, has_proj), start, history
+
+
+def _train_epoch(run: _Run, cfg: TrainConfig, data: TrainData, epoch: int, input_size: int) -> dict:
+    """One epoch of optimiser steps; returns the epoch's mean logs, last lr and throughput."""
+    acc, device = run.accelerator, run.accelerator.device
+    run.model.train()
+    order, view_index = epoch_plan(cfg, data, epoch, acc.process_index, acc.num_processes)
+    views = epoch_views(cfg, data, epoch, view_index, run.images.shape[-1])
+    warm = run.has_proj and epoch < cfg.warmstart_epochs
+    sums: dict[str, torch.Tensor] = {}
+    started = time.perf_counter()
+    desc = f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}"
+    for step in tqdm(range(run.steps_per_epoch), desc=desc, leave=False, disable=not acc.is_local_main_process):
+        idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        lr, beta2 = schedule(epoch * run.steps_per_epoch + step, run.total_steps, run.warmup, cfg)
+        for group in run.optimizer.param_groups:
+            group["lr"], group["betas"] = lr * group["lr_mult"], (0.9, beta2)
+        x = apply_views(run.images[idx.to(device)], views[idx].to(device), input_size, data.mean, data.std)
+        with acc.autocast():
+            loss, logs = run.model(x, _batch(data, idx, view_index, device), cfg.objective, warm)
+        run.optimizer.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        run.optimizer.step()
+        for key, value in logs.items():  # summed on the device: no host sync per step
+            sums[key] = sums.get(key, 0.0) + value.float()
+    seconds = time.perf_counter() - started
+    means = {k: float(v) / run.steps_per_epoch for k, v in sums.items()}
+    return {"epoch": epoch + 1, "lr": lr, "seconds": seconds, "images_per_s": len(order) / seconds, **means}
+
+
 def train(
     cfg: TrainConfig,
     data: TrainData,
@@ -270,84 +338,28 @@ def train(
     evaluate_fn=None,
     resume: bool = True,
 ) -> tuple[Student, list[dict]]:
-    """Train for cfg.epochs (+ warm start), checkpointing every epoch; returns the student and per-epoch history."""
-    from accelerate import Accelerator
-
+    """Train for cfg.epochs, checkpointing every epoch (resumes from one); returns the student and its history."""
     check_data_serves(cfg, data)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
-    torch.manual_seed(cfg.seed)
-    model = build_student(cfg, data, input_size)
-    groups = param_groups(model, cfg.weight_decay, cfg.head_lr_mult)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2_start))
     ckpt_path = out / "checkpoint.pt"
-    state = _load_checkpoint(ckpt_path, cfg, resume)
-    start, history = 0, []
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, history = state["epoch"] + 1, state["history"]
-        torch.set_rng_state(state["rng"])  # noise draws continue as if never interrupted
-        accelerator.print(f"resuming {out} from epoch {start}")
-    model_has_proj = model.proj is not None
-    model, optimizer = accelerator.prepare(model, optimizer)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    images = data.images.to(device)  # small datasets live on the device whole; batches are index gathers
-    total_epochs = cfg.epochs  # the warm start is part of the budget: every method trains equal epochs
-    per_rank = len(data.labels) // world
-    steps_per_epoch = math.ceil(per_rank / cfg.batch_size)
-    total_steps, warmup = total_epochs * steps_per_epoch, max(1, int(cfg.warmup_epochs * steps_per_epoch))
-    for epoch in range(start, total_epochs):
-        model.train()
-        order, view_index = epoch_plan(cfg, data, epoch, rank, world)
-        views = epoch_views(cfg, data, epoch, view_index, images.shape[-1])
-        warm = model_has_proj and epoch < cfg.warmstart_epochs
-        sums: dict[str, torch.Tensor] = {}
-        started = time.perf_counter()
-        bar = tqdm(
-            range(steps_per_epoch),
-            desc=f"{cfg.method} epoch {epoch + 1}/{total_epochs}",
-            leave=False,
-            disable=not accelerator.is_local_main_process,
-        )
-        for step_in_epoch in bar:
-            idx = order[step_in_epoch * cfg.batch_size : (step_in_epoch + 1) * cfg.batch_size]
-            lr, beta2 = schedule(epoch * steps_per_epoch + step_in_epoch, total_steps, warmup, cfg)
-            for group in optimizer.param_groups:
-                group["lr"], group["betas"] = lr * group["lr_mult"], (0.9, beta2)
-            x = apply_views(images[idx.to(device)], views[idx].to(device), input_size, data.mean, data.std)
-            with accelerator.autocast():
-                loss, logs = model(x, _batch(data, idx, view_index, device), cfg.objective, warm)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            for key, value in logs.items():  # summed on the device: no host sync per step
-                sums[key] = sums.get(key, 0.0) + value.float()
-        seconds = time.perf_counter() - started
-        record = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            "seconds": seconds,
-            "images_per_s": per_rank / seconds,
-            **{k: float(v) / steps_per_epoch for k, v in sums.items()},
-        }
-        if evaluate_fn is not None and accelerator.is_main_process:
-            record.update(evaluate_fn(accelerator.unwrap_model(model)))
+    run, start, history = _start_run(cfg, data, input_size, ckpt_path, resume)
+    acc = run.accelerator
+    for epoch in range(start, cfg.epochs):
+        record = _train_epoch(run, cfg, data, epoch, input_size)
+        if evaluate_fn is not None and acc.is_main_process:
+            record.update(evaluate_fn(acc.unwrap_model(run.model)))
         history.append(record)
-        accelerator.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-        if accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(model)
-            _save_checkpoint(
-                ckpt_path,
-                {
-                    "fingerprint": cfg.fingerprint(),
-                    "epoch": epoch,
-                    "history": history,
-                    "model": unwrapped.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "rng": torch.get_rng_state(),
-                },
-            )
-        accelerator.wait_for_everyone()
-    return accelerator.unwrap_model(model).cpu().eval(), history
+        acc.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        if acc.is_main_process:
+            state = {
+                "fingerprint": cfg.fingerprint(),
+                "epoch": epoch,
+                "history": history,
+                "rng": torch.get_rng_state(),
+                "model": acc.unwrap_model(run.model).state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+            }
+            _save_checkpoint(ckpt_path, state)
+        acc.wait_for_everyone()
+    return acc.unwrap_model(run.model).cpu().eval(), history
