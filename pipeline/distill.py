@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import GenddError
@@ -111,6 +112,16 @@ def distill(cfg: DistillConfig) -> dict:
         cfg.train, data, cfg.out, size, _val_probe(cfg.shards, size, data.mean, data.std), cfg.resume
     )
     seconds = time.perf_counter() - started
+    summary = {
+        "method": cfg.train.method,
+        "student": cfg.train.model,
+        "epochs": len(history),
+        "train_seconds": sum(r["seconds"] for r in history),
+        "wall_seconds": seconds,
+        "final": history[-1] if history else {},
+    }
+    if not PartialState().is_main_process:  # under `accelerate launch`, one process writes the outputs
+        return summary
     in_chans = data.images.shape[1]
     head_cfg = asdict(student.head.config) if student.head is not None else None
     card = ModelCard(
@@ -128,14 +139,6 @@ def distill(cfg: DistillConfig) -> dict:
     if student.head is not None:
         save_file({k: v.contiguous() for k, v in student.head.state_dict().items()}, str(cfg.out / "head.safetensors"))
     (cfg.out / "load_student.py").write_text(STANDALONE_LOADER)
-    summary = {
-        "method": cfg.train.method,
-        "student": cfg.train.model,
-        "epochs": len(history),
-        "train_seconds": sum(r["seconds"] for r in history),
-        "wall_seconds": seconds,
-        "final": history[-1] if history else {},
-    }
     (cfg.out / "train.json").write_text(json.dumps({**summary, "history": history}, indent=1))
     _log_live(cfg.out, history)
     return summary

@@ -68,6 +68,10 @@ def make_teacher(cfg: TeacherConfig) -> dict:
             raise GenddError("training a teacher needs labels; pass --checkpoint with a trained teacher instead")
         data = load_train_data(cfg.shards, None)
         student, history = train(tcfg, data, cfg.out / "work", size)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under `accelerate launch`, one process writes the outputs
+        return {}
     mean, std = tuple(spec["mean"]), tuple(spec["std"])
     top1 = _val_top1(student, cfg.shards, size, mean, std)
     card = ModelCard(

@@ -278,9 +278,11 @@ class _Run:
 
 def _start_run(cfg: TrainConfig, data: TrainData, input_size: int, ckpt_path: Path, resume: bool):
     """Build model and optimizer, restore a checkpoint if one matches; returns (run, first epoch, history)."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
+    # With a warm start, the head idles in stage 1 and the projection afterwards: DDP must allow unused parameters.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.warmstart_epochs > 0)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu, kwargs_handlers=[ddp])
     torch.manual_seed(cfg.seed)
     model = build_student(cfg, data, input_size)
     groups = param_groups(model, cfg.weight_decay, cfg.head_lr_mult)

@@ -42,6 +42,8 @@ def command(
         cpu=cpu,
     )
     card = make_teacher(TeacherConfig(shards, out, train, checkpoint, pretrained))
+    if not card:  # a non-main process under `accelerate launch`
+        return
     top1 = card["extra"]["val_top1"]
     typer.echo(
         f"teacher {model}: feature dim {card['feature_dim']}, val top-1 "
