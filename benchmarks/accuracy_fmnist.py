@@ -15,7 +15,6 @@ import json
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,8 +24,8 @@ PROFILES = {
         "max_samples": 10000,
         "teacher": "resnet18",
         "teacher_epochs": 12,
-        "students": ["test_efficientnet", "mobilenetv3_small_050"],
-        "epochs": 12,
+        "students": ["test_efficientnet", "test_resnet"],
+        "epochs": 10,
         "views": 8,
         "batch": 128,
         "steps": 10,
@@ -53,12 +52,17 @@ PARTS = {
 GENDD = ["--token-dim", "64", "--head-width", "256", "--diffusion-batch-mul", "2", "--head-lr-mult", "2.5"]
 
 
+EXECUTE = True
+
+
 def gendd(*args: str) -> None:
+    if not EXECUTE:  # --report-only: tabulate what earlier runs wrote
+        return
     print("+ gendd", " ".join(args), flush=True)
     subprocess.run([sys.executable, "-m", "stages.app", *args], check=True, cwd=ROOT)
 
 
-def run_part(part: str, prof: dict, data: str | None, root: Path, seed: int) -> list[dict]:
+def run_part(part: str, prof: dict, data: str | None, root: Path, seed: int, execute: bool = True) -> list[dict]:
     spec_name, methods = PARTS[part]
     base = root / spec_name
     shards, teacher, cache = base / "shards", base / "teacher", base / "cache"
@@ -109,7 +113,6 @@ def run_part(part: str, prof: dict, data: str | None, root: Path, seed: int) -> 
         for method in methods:
             run = f"{student}-{method}-s{seed}"
             out, ev = base / "students" / run, base / "eval" / run
-            started = time.perf_counter()
             extra = GENDD if method.startswith("gendd") else []
             gendd(
                 "distill",
@@ -132,7 +135,7 @@ def run_part(part: str, prof: dict, data: str | None, root: Path, seed: int) -> 
                 str(seed),
                 *extra,
             )
-            if not (ev / "metrics.json").is_file():
+            if EXECUTE and not (ev / "metrics.json").is_file():
                 gendd(
                     "evaluate",
                     "--shards",
@@ -148,8 +151,10 @@ def run_part(part: str, prof: dict, data: str | None, root: Path, seed: int) -> 
                     "--n-samples",
                     str(prof["n_samples"]),
                 )
+            if not (ev / "metrics.json").is_file():
+                continue
             metrics = json.loads((ev / "metrics.json").read_text())
-            wall = time.perf_counter() - started
+            wall = metrics.get("train_seconds", 0.0) + metrics.get("eval_seconds", 0.0)
             rows.append({"part": part, "student": student, "method": method, "seed": seed, "wall_s": wall, **metrics})
     return rows
 
@@ -167,7 +172,7 @@ def table(rows: list[dict], root: Path) -> str:
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     lines = [
         "| part | student | method | seed | probe top-1 | generative top-1 | probe - KD | teacher | "
-        "many / medium / few | wall s |",
+        "many / medium / few | train+eval s |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for r in rows:
@@ -182,7 +187,8 @@ def table(rows: list[dict], root: Path) -> str:
             ),
             None,
         )
-        main = r.get("generative_top1") if r["method"] == "gendd_unsup" else r["probe_top1"]
+        untrained = r["method"] == "gendd_unsup"  # no labels, no probe loss: only the generative path is trained
+        main = r.get("generative_top1") if untrained else r["probe_top1"]
         delta = None if kd is None or main is None else main - kd
         shots = ""
         if r["part"] == "longtail":
@@ -190,8 +196,9 @@ def table(rows: list[dict], root: Path) -> str:
             counts = _class_counts(root / "fashion_mnist_lt" / "shards", index)
             g = shot_groups(r, counts)
             shots = " / ".join(fmt(g.get(k)) for k in ("many", "medium", "few"))
+        probe = "-" if untrained else fmt(r["probe_top1"])
         lines.append(
-            f"| {r['part']} | {r['student']} | {r['method']} | {r['seed']} | {fmt(r['probe_top1'])} | "
+            f"| {r['part']} | {r['student']} | {r['method']} | {r['seed']} | {probe} | "
             f"{fmt(r.get('generative_top1'))} | {'-' if delta is None else f'{delta:+.2f}'} | "
             f"{fmt(r.get('teacher_top1'))} | {shots} | {r['wall_s']:.0f} |"
         )
@@ -214,7 +221,10 @@ def main() -> None:
     parser.add_argument("--root", default=str(ROOT / "outputs" / "bench_fmnist"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--report-only", action="store_true", help="only tabulate the runs already on disk")
     args = parser.parse_args()
+    global EXECUTE
+    EXECUTE = not args.report_only
     prof, root = PROFILES[args.profile], Path(args.root) / args.profile
     parts = list(PARTS) if args.part == "all" else [args.part]
     rows: list[dict] = []
