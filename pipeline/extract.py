@@ -129,7 +129,12 @@ def extract_split(cfg: ExtractConfig, split: str, runner: TeacherRunner, rank: i
     started, pairs = time.perf_counter(), 0
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as saver:
         keep_png = cfg.fmt == "webdataset"
-        next_data = reader.submit(read_shard, shards.path(todo[0]), keep_png) if todo else None
+
+        def load(i: int) -> tuple:  # decode a shard and draw its views off the main thread
+            data = read_shard(shards.path(i), keep_png)
+            return data, sample_views(data.keys, k, cfg.policy, cfg.seed, size)
+
+        next_data = reader.submit(load, todo[0]) if todo else None
         pending_write = None
         bar = tqdm(
             total=sum(shards.counts[i] for i in todo) * k,
@@ -139,12 +144,11 @@ def extract_split(cfg: ExtractConfig, split: str, runner: TeacherRunner, rank: i
             disable=rank != 0,
         )
         for pos, i in enumerate(todo):
-            data = next_data.result()
+            data, views = next_data.result()
             if pos + 1 < len(todo):  # decode the next shard while the teacher works on this one
-                next_data = reader.submit(read_shard, shards.path(todo[pos + 1]), keep_png)
+                next_data = reader.submit(load, todo[pos + 1])
             if data.keys != keys[shards.starts[i] : shards.starts[i] + shards.counts[i]]:
                 raise GenddError(f"{shards.path(i)} changed since the cache was started; delete {cfg.out} and re-run")
-            views = sample_views(data.keys, k, cfg.policy, cfg.seed, size)
             feats, logits = _run_chunk(runner, data.images, views, cfg.batch_size)
             if pending_write is not None:
                 pending_write.result()  # surface write errors, keep at most one chunk in flight
