@@ -7,15 +7,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from accelerate import PartialState
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import GenddError
-from pipeline.evaluate import predict, topk_accuracy
+from pipeline.evaluate import val_probe_evaluator
 from pipeline.head import GenerativeHead, HeadConfig
 from pipeline.models import ModelCard, feature_dim, load_model, save_model
-from pipeline.shards import load_index, load_split
+from pipeline.shards import load_index
 from pipeline.store import open_cache
 from pipeline.train import Student, TrainConfig, load_train_data, train
 from pipeline.views import POLICIES
@@ -70,22 +69,6 @@ def _check_cache_views(cfg: DistillConfig) -> None:
         )
 
 
-def _val_probe(shards: Path, size: int, mean: tuple, std: tuple):
-    index = load_index(shards)
-    if "val" not in index.splits or not index.labeled:
-        return None
-    val = load_split(index.split("val"))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-    def evaluate_fn(student: Student) -> dict:
-        was_training = student.training
-        logits = predict(student, val.images, size, mean, std, device=device)["probe"]
-        student.train(was_training)
-        return {"val_probe_top1": topk_accuracy(logits, val.labels, 1)}
-
-    return evaluate_fn
-
-
 def _log_live(out: Path, history: list[dict]) -> None:
     try:  # dvclive is optional (e.g. on a bare GPU host); the history JSON holds the same numbers
         from dvclive import Live
@@ -109,7 +92,7 @@ def distill(cfg: DistillConfig) -> dict:
     data = load_train_data(cfg.shards, cfg.cache)
     started = time.perf_counter()
     student, history = train(
-        cfg.train, data, cfg.out, size, _val_probe(cfg.shards, size, data.mean, data.std), cfg.resume
+        cfg.train, data, cfg.out, size, val_probe_evaluator(cfg.shards, size, data.mean, data.std), cfg.resume
     )
     seconds = time.perf_counter() - started
     summary = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -79,6 +80,25 @@ def predict(
     if generated:
         out["generative"] = torch.cat(generated)
     return out
+
+
+def val_probe_evaluator(shards: Path, size: int, mean: tuple, std: tuple) -> Callable[[nn.Module], dict] | None:
+    """A per-epoch check: probe top-1 of a Student on the val split (None when there is no labelled val split)."""
+    from pipeline.shards import load_index, load_split
+
+    index = load_index(shards)
+    if "val" not in index.splits or not index.labeled:
+        return None
+    val = load_split(index.split("val"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def evaluate_fn(student: nn.Module) -> dict:
+        was_training = student.training
+        logits = predict(student, val.images, size, mean, std, device=device)["probe"]
+        student.train(was_training)
+        return {"val_probe_top1": topk_accuracy(logits, val.labels, 1)}
+
+    return evaluate_fn
 
 
 def summarise(logits: dict[str, torch.Tensor], labels: torch.Tensor, num_classes: int) -> dict:

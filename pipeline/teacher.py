@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import GenddError
-from pipeline.evaluate import predict, topk_accuracy
+from pipeline.evaluate import val_probe_evaluator
 from pipeline.models import ModelCard, create_model, feature_dim, save_model
 from pipeline.objectives import ObjectiveConfig
-from pipeline.shards import load_index, load_split
+from pipeline.shards import load_index
 from pipeline.train import Student, TrainConfig, load_train_data, train
 
 
@@ -42,21 +42,13 @@ def _load_weights(model: torch.nn.Module, path: Path) -> None:
         raise GenddError(f"{path} does not fit the teacher model: {str(err).splitlines()[0]}") from err
 
 
-def _val_top1(student: Student, shards: Path, input_size: int, mean: tuple, std: tuple) -> float | None:
-    index = load_index(shards)
-    if "val" not in index.splits or not index.labeled:
-        return None
-    val = load_split(index.split("val"))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    logits = predict(student, val.images, input_size, mean, std, device=device)["probe"]
-    return topk_accuracy(logits, val.labels, 1)
-
-
 def make_teacher(cfg: TeacherConfig) -> dict:
     """Train (or load) the teacher and save `teacher.safetensors` + `teacher.json`; returns the card."""
     index = load_index(cfg.shards)
     spec = index.spec
     size = cfg.train.input_size or int(spec["image_size"])
+    mean, std = tuple(spec["mean"]), tuple(spec["std"])
+    evaluator = val_probe_evaluator(cfg.shards, size, mean, std)
     tcfg = replace(cfg.train, method="ce", objective=ObjectiveConfig("ce"), warmstart_epochs=0, input_size=size)
     if cfg.checkpoint is not None or cfg.pretrained:
         net = create_model(tcfg.model, spec["num_classes"], spec["channels"], tcfg.small_stem, cfg.pretrained)
@@ -67,13 +59,12 @@ def make_teacher(cfg: TeacherConfig) -> dict:
         if not index.labeled:
             raise GenddError("training a teacher needs labels; pass --checkpoint with a trained teacher instead")
         data = load_train_data(cfg.shards, None)
-        student, history = train(tcfg, data, cfg.out / "work", size)
+        student, history = train(tcfg, data, cfg.out / "work", size, evaluator)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under `accelerate launch`, one process writes the outputs
         return {}
-    mean, std = tuple(spec["mean"]), tuple(spec["std"])
-    top1 = _val_top1(student, cfg.shards, size, mean, std)
+    top1 = evaluator(student)["val_probe_top1"] if evaluator else None
     card = ModelCard(
         tcfg.model,
         spec["num_classes"],

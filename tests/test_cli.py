@@ -13,7 +13,7 @@ def _gendd(*args: str) -> subprocess.CompletedProcess:
 
 def test_help_lists_the_stages() -> None:
     out = _gendd("--help").stdout
-    for stage in ("prepare",):
+    for stage in ("prepare", "teacher", "extract", "distill", "evaluate", "report", "cache"):
         assert stage in out
 
 
