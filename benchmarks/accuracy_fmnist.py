@@ -12,13 +12,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = {
+    # A dry run of the commands in a minute (not a result).
+    "tiny": {
+        "max_samples": 300,
+        "teacher": "resnet18",
+        "teacher_epochs": 1,
+        "students": ["test_resnet"],
+        "epochs": 1,
+        "views": 2,
+        "batch": 64,
+        "steps": 2,
+        "n_samples": 1,
+    },
     # max_samples caps every split (the CPU profile keeps the full 10k test split); epochs are equal for all methods.
     "cpu": {
         "max_samples": 10000,
@@ -55,108 +69,94 @@ GENDD = ["--token-dim", "64", "--head-width", "256", "--diffusion-batch-mul", "2
 EXECUTE = True
 
 
-def gendd(*args: str) -> None:
+def gendd(*args: str, log: Path | None = None) -> None:
+    """Run one `gendd` stage (through the module, so a host without the console script works too)."""
     if not EXECUTE:  # --report-only: tabulate what earlier runs wrote
         return
     print("+ gendd", " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", "stages.app", *args], check=True, cwd=ROOT)
+    if log is None:
+        subprocess.run([sys.executable, "-m", "stages.app", *args], check=True, cwd=ROOT)
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as handle:
+        subprocess.run([sys.executable, "-m", "stages.app", *args], check=True, cwd=ROOT, stdout=handle, stderr=handle)
 
 
-def run_part(part: str, prof: dict, data: str | None, root: Path, seed: int, execute: bool = True) -> list[dict]:
-    spec_name, methods = PARTS[part]
-    base = root / spec_name
-    shards, teacher, cache = base / "shards", base / "teacher", base / "cache"
+def _tolerant(fn):
+    """Run a job; a failed job is reported and leaves its row out instead of stopping the other jobs."""
+
+    def wrapped(job):
+        try:
+            return fn(job)
+        except subprocess.CalledProcessError as err:
+            print(f"job {job} failed ({err}); see its log", flush=True)
+            return None
+
+    return wrapped
+
+
+def setup_spec(spec_name: str, prof: dict, data: str | None, root: Path) -> None:
+    """Shards, teacher and feature cache of one data spec (each stage skips or resumes finished work)."""
+    shards, teacher, cache = (root / spec_name / d for d in ("shards", "teacher", "cache"))
     source = ["--source-path", data] if data else []
     gendd(
         "prepare",
-        "--spec",
-        f"data_specs/{spec_name}.yaml",
-        "--out",
-        str(shards),
-        "--shard-size",
-        "1000",
-        "--max-samples",
-        str(prof["max_samples"]),
-        *source,
+        *("--spec", f"data_specs/{spec_name}.yaml", "--out", str(shards), "--shard-size", "1000"),
+        *("--max-samples", str(prof["max_samples"]), *source),
     )
     gendd(
         "teacher",
-        "--shards",
-        str(shards),
-        "--out",
-        str(teacher),
-        "--model",
-        prof["teacher"],
-        "--no-small-stem",
-        "--epochs",
-        str(prof["teacher_epochs"]),
-        "--batch-size",
-        str(prof["batch"]),
-        "--policy",
-        "rrc",
+        *("--shards", str(shards), "--out", str(teacher), "--model", prof["teacher"], "--no-small-stem"),
+        *("--epochs", str(prof["teacher_epochs"]), "--batch-size", str(prof["batch"]), "--policy", "rrc"),
     )
     gendd(
         "extract",
-        "--shards",
-        str(shards),
-        "--teacher",
-        str(teacher),
-        "--out",
-        str(cache),
-        "--views",
-        str(prof["views"]),
-        "--policy",
-        "rrc",
+        *("--shards", str(shards), "--teacher", str(teacher), "--out", str(cache)),
+        *("--views", str(prof["views"]), "--policy", "rrc"),
     )
-    rows = []
-    for student in prof["students"]:
-        for method in methods:
-            run = f"{student}-{method}-s{seed}"
-            out, ev = base / "students" / run, base / "eval" / run
-            extra = GENDD if method.startswith("gendd") else []
-            gendd(
-                "distill",
-                "--shards",
-                str(shards),
-                "--cache",
-                str(cache),
-                "--out",
-                str(out),
-                "--student",
-                student,
-                "--no-small-stem",
-                "--method",
-                method,
-                "--epochs",
-                str(prof["epochs"]),
-                "--batch-size",
-                str(prof["batch"]),
-                "--seed",
-                str(seed),
-                *extra,
-            )
-            if EXECUTE and not (ev / "metrics.json").is_file():
-                gendd(
-                    "evaluate",
-                    "--shards",
-                    str(shards),
-                    "--cache",
-                    str(cache),
-                    "--student",
-                    str(out),
-                    "--out",
-                    str(ev),
-                    "--steps",
-                    str(prof["steps"]),
-                    "--n-samples",
-                    str(prof["n_samples"]),
-                )
-            if not (ev / "metrics.json").is_file():
-                continue
-            metrics = json.loads((ev / "metrics.json").read_text())
-            wall = metrics.get("train_seconds", 0.0) + metrics.get("eval_seconds", 0.0)
-            rows.append({"part": part, "student": student, "method": method, "seed": seed, "wall_s": wall, **metrics})
-    return rows
+
+
+def run_job(job: tuple[str, str, str, int], prof: dict, root: Path, parallel: int) -> dict | None:
+    """Distil and evaluate one (part, student, method, seed); returns its table row (None if it has no metrics)."""
+    part, student, method, seed = job
+    base = root / PARTS[part][0]
+    shards, cache = base / "shards", base / "cache"
+    run = f"{student}-{method}-s{seed}"
+    out, ev = base / "students" / run, base / "eval" / run
+    extra = GENDD if method.startswith("gendd") else []
+    # With several jobs at once (a GPU host: small models leave the GPU mostly idle), each job logs to a file.
+    log = base / "logs" / f"{run}.log" if parallel > 1 else None
+    if EXECUTE and not (ev / "metrics.json").is_file():
+        gendd(
+            "distill",
+            *("--shards", str(shards), "--cache", str(cache), "--out", str(out), "--student", student),
+            *("--no-small-stem", "--method", method, "--epochs", str(prof["epochs"])),
+            *("--batch-size", str(prof["batch"]), "--seed", str(seed), *prof.get("distill", [])),
+            *extra,
+            log=log,
+        )
+        gendd(
+            "evaluate",
+            *("--shards", str(shards), "--cache", str(cache), "--student", str(out), "--out", str(ev)),
+            *("--steps", str(prof["steps"]), "--n-samples", str(prof["n_samples"])),
+            log=log,
+        )
+    if not (ev / "metrics.json").is_file():
+        return None
+    metrics = json.loads((ev / "metrics.json").read_text())
+    wall = metrics.get("train_seconds", 0.0) + metrics.get("eval_seconds", 0.0)
+    return {"part": part, "student": student, "method": method, "seed": seed, "wall_s": wall, **metrics}
+
+
+def run_suite(parts: list[str], seeds: list[int], prof: dict, data: str | None, root: Path, parallel: int) -> list:
+    """Set up every data spec the parts need (in parallel when allowed), then run all student jobs in one pool."""
+    specs = list(dict.fromkeys(PARTS[p][0] for p in parts))
+    with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(specs)))) as pool:
+        list(pool.map(lambda spec: setup_spec(spec, prof, data, root), specs))
+    jobs = [(p, st, m, seed) for seed in seeds for p in parts for st in prof["students"] for m in PARTS[p][1]]
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        rows = list(pool.map(_tolerant(lambda job: run_job(job, prof, root, parallel)), jobs))
+    return [r for r in rows if r is not None]
 
 
 def shot_groups(row: dict, counts: list[int]) -> dict:
@@ -216,26 +216,25 @@ def _class_counts(shards: Path, index: dict) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
-    parser.add_argument("--part", choices=[*PARTS, "all"], default="all")
+    parser.add_argument("--part", choices=[*PARTS, "all"], nargs="+", default=["all"])
+    parser.add_argument("--parallel", type=int, default=1, help="student jobs at once (a GPU host: 6-10)")
     parser.add_argument("--data", default=None, help="Fashion-MNIST IDX directory (default: the spec's path)")
     parser.add_argument("--root", default=str(ROOT / "outputs" / "bench_fmnist"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--report-only", action="store_true", help="only tabulate the runs already on disk")
+    parser.add_argument("--name", default=None, help="results file stem (default: accuracy_fmnist_<profile>[_<parts>])")
     args = parser.parse_args()
     global EXECUTE
     EXECUTE = not args.report_only
     prof, root = PROFILES[args.profile], Path(args.root) / args.profile
-    parts = list(PARTS) if args.part == "all" else [args.part]
-    rows: list[dict] = []
-    for seed in args.seeds:
-        for part in parts:
-            rows += run_part(part, prof, args.data, root, seed)
-            write_results(rows, args, prof, root)  # after every part, so a long run leaves what it finished
+    parts = list(PARTS) if "all" in args.part else args.part
+    rows = run_suite(parts, args.seeds, prof, args.data, root, args.parallel)
+    write_results(rows, args, prof, root, args.parallel)
 
 
-def write_results(rows: list[dict], args: argparse.Namespace, prof: dict, root: Path) -> None:
-    machine = f"{platform.processor() or platform.machine()}, {subprocess.getoutput('nproc')} cores"
+def write_results(rows: list[dict], args: argparse.Namespace, prof: dict, root: Path, parallel: int = 1) -> None:
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     try:
         import torch
 
@@ -245,11 +244,18 @@ def write_results(rows: list[dict], args: argparse.Namespace, prof: dict, root: 
         pass
     md = (
         f"# Fashion-MNIST accuracy ({args.profile} profile)\n\nMachine: {machine}. Seeds: {args.seeds}. "
-        f"Profile: {json.dumps(prof)}.\n\n" + table(rows, root)
+        f"Profile: {json.dumps(prof)}. GenDD options: `{' '.join(GENDD)}`.\n"
+        + (
+            f"Student jobs ran {parallel} at a time on the one device, so their seconds include that sharing.\n"
+            if parallel > 1
+            else ""
+        )
+        + "\n"
+        + table(rows, root)
     )
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"accuracy_fmnist_{args.profile}" + ("" if args.part == "all" else f"_{args.part}")
+    name = args.name or f"accuracy_fmnist_{args.profile}" + ("" if "all" in args.part else "_" + "_".join(args.part))
     (out / f"{name}.md").write_text(md)
     slim = [{k: v for k, v in r.items() if not k.endswith("_per_class")} for r in rows]
     (out / f"{name}.json").write_text(json.dumps({"machine": machine, "profile": prof, "rows": slim}, indent=1))

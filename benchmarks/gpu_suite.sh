@@ -5,11 +5,15 @@
 #   (the GPU image lacks zarr, numcodecs, webdataset and diffusers; .carry/ travels with the checkout).
 # On the GPU host, from the project root:           bash benchmarks/gpu_suite.sh
 #   (sources .carry/setup.sh itself when it is there). Try it here first: DEVICE=cpu SMALL=1 bash benchmarks/gpu_suite.sh
-# Budget: about 8-10 minutes of GPU time in all; each benchmark runs even if an earlier one failed, and the exit
-# status says whether any failed. Torch threads stay at 1 (the work is on the GPU; decode/compress are not torch).
+# Budget: the whole suite needs about 15-20 minutes of GPU time; pick what fits with ONLY (e.g. ONLY="smoke extract_32px
+# accuracy"). Each step runs even if an earlier one failed (except a failed smoke test, which stops everything), and
+# the exit status says whether any failed. Torch threads stay at 1 in the benchmarks (the work is on the GPU).
+# accuracy: the Fashion-MNIST suite (benchmarks/accuracy_fmnist.py --profile gpu), all parts at once, ACC_JOBS student
+# jobs sharing the GPU, stopped after ACC_SECONDS; the table then covers the jobs that finished.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if [ -f .carry/setup.sh ]; then source .carry/setup.sh; fi
+if [ -f .carry/setup.sh ] && [ "${SMALL:-0}" != 1 ]; then source .carry/setup.sh; fi  # cp312 wheels: GPU host only
+if [ -d .carry/data/fashion-mnist ]; then FMNIST=${FMNIST:-$PWD/.carry/data/fashion-mnist}; fi
 PY=${PYTHON:-python3}
 OUT=${OUT:-benchmarks/results/gpu}
 DEVICE=${DEVICE:-cuda}
@@ -28,6 +32,7 @@ run() {
 }
 if [ "${SMALL:-0}" = 1 ]; then  # a dry run of the suite's commands at CPU sizes
   N=200; N224=8; LN=16; SIZES=(500 1000 2000); SHARD=100; SEEDS=1; MP=no
+  ACC_PROFILE=${ACC_PROFILE:-tiny}; ACC_JOBS=${ACC_JOBS:-2}
   T32=(test_resnet); T224=(test_resnet); TSTORE=(test_resnet)
   CACHE=(--batch 64 --large-n 16 --large-batch 8 --large-views 2 --steps 2 --rounds 2)
 else
@@ -36,12 +41,47 @@ else
   CACHE=(--batch 256 --large-n 512 --large-batch 64 --large-views 2 --steps 10 --rounds 3)
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'
+wanted() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
+# 0. smoke: the whole CLI on digits for one epoch (prepare, teacher, extract, gendd distill, evaluate), so that a
+#    version difference on the host fails in seconds instead of after minutes of training.
+if wanted smoke; then
+  echo "== smoke"
+  smoke=$GENDD_BENCH_WORK/smoke
+  rm -rf "$smoke"
+  if ! { "$PY" -m stages.app prepare --spec data_specs/digits.yaml --out "$smoke/shards" &&
+    "$PY" -m stages.app teacher --shards "$smoke/shards" --out "$smoke/teacher" --model test_resnet --epochs 1 &&
+    "$PY" -m stages.app extract --shards "$smoke/shards" --teacher "$smoke/teacher" --out "$smoke/cache" --views 2 &&
+    "$PY" -m stages.app distill --shards "$smoke/shards" --cache "$smoke/cache" --out "$smoke/student" \
+      --student test_resnet --method gendd --epochs 1 --head-width 64 --token-dim 32 --head-prediction v_prediction &&
+    "$PY" -m stages.app evaluate --shards "$smoke/shards" --cache "$smoke/cache" --student "$smoke/student" \
+      --out "$smoke/eval" --steps 2 --n-samples 1; } >"$OUT/smoke.log" 2>&1; then
+    tail -n 20 "$OUT/smoke.log"
+    echo "smoke test failed: stopping (see $OUT/smoke.log)"
+    exit 1
+  fi
+  echo "   smoke ok ($SECONDS s since start)"
+fi
 # 1. extraction efficiency: CIFAR-like 32-px images (fast teachers: decode and writing matter most), then 224-px
 #    RGB images with a resnet50 in bf16 (PNG decode of large images against a fast GPU forward).
 run extract_32px benchmarks/bench_extract.py --tag 32px --data synthetic --n "$N" --image-size 32 --channels 3 \
   --teachers "${T32[@]}" --views 8 --batch 1024 --shard-size "$SHARD"
 run extract_224px benchmarks/bench_extract.py --tag 224px --data synthetic --n "$N224" --image-size 224 --channels 3 \
   --teachers "${T224[@]}" --views 4 --batch 256 --shard-size 256 --mixed-precision "$MP"
+# Fashion-MNIST accuracy (issue: GenDD vs KD/KL/CE): all parts, student jobs sharing the GPU, under a time limit.
+if wanted accuracy; then
+  echo "== accuracy"
+  started=$SECONDS
+  acc=(benchmarks/accuracy_fmnist.py --profile "${ACC_PROFILE:-gpu}" --part balanced unlabeled longtail
+    --root "$GENDD_BENCH_WORK/acc" --results "$OUT" --name accuracy_fmnist_gpu --parallel "${ACC_JOBS:-16}"
+    ${FMNIST:+--data "$FMNIST"})
+  timeout "${ACC_SECONDS:-420}" "$PY" "${acc[@]}" >"$OUT/accuracy.log" 2>&1 || failed+=(accuracy)
+  "$PY" "${acc[@]}" --report-only >/dev/null 2>&1  # the table of whatever finished, even after the time limit
+  mkdir -p "$OUT/accuracy_runs"
+  (cd "$GENDD_BENCH_WORK/acc" && find . \( -name metrics.json -o -name train.json -o -name "*.log" \
+    -o -name teacher.json \) -print0 | tar -czf "$OUT/accuracy_runs/runs.tgz" --null -T - 2>/dev/null)
+  tail -n 30 "$OUT/accuracy_fmnist_gpu.md" 2>/dev/null
+  echo "   ($((SECONDS - started)) s)"
+fi
 # 2. what the cache buys: digits at a GPU batch, and the large teacher on 224-px images
 run cache_speedup benchmarks/bench_cache_speedup.py "${CACHE[@]}"
 # 3. storage per codec on real (trained) teacher features

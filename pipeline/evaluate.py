@@ -119,7 +119,11 @@ def write_metrics(metrics: dict, path: str | Path, sampling: SamplingConfig | No
 
 
 def _plot_per_class(metrics: dict, class_names: list[str], path: Path) -> None:
-    import matplotlib
+    try:  # the plot is a convenience: a host without matplotlib (e.g. the GPU image) still gets the metrics JSON
+        import matplotlib
+    except ImportError:
+        print(f"note: matplotlib is not installed; {path.name} skipped (metrics JSON holds the same numbers)")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from pipeline.errors import GenddError
 
 SAMPLERS = ("ddpm", "ddim", "dpmsolver")
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
 TIME_FREQ_DIM = 256
 
 
@@ -34,6 +35,10 @@ class HeadConfig:
     beta_schedule: str = "squaredcos_cap_v2"
     diffusion_batch_mul: int = 4
     cond_dropout: float = 0.2
+    # What the denoiser predicts. epsilon (the paper) weights the clean-target error by SNR(t), ~0 at high noise where
+    # only the condition can tell the target; v_prediction weights it by SNR(t) + 1 and sample (x0) by 1, so the
+    # student's condition gets gradient there.
+    prediction: str = "epsilon"
 
     def __post_init__(self) -> None:
         for name in (
@@ -52,6 +57,8 @@ class HeadConfig:
                 f"token_dim {self.token_dim} does not divide the teacher feature dim {self.feature_dim}: "
                 f"pick a divisor of {self.feature_dim} (e.g. {_suggest_divisors(self.feature_dim, self.token_dim)})"
             )
+        if self.prediction not in PREDICTIONS:
+            raise GenddError(f"head prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
         if not 0.0 <= self.cond_dropout < 1.0:
             raise GenddError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
 
@@ -114,7 +121,7 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(width, token_dim)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        """Map x (..., W) to an epsilon prediction (..., token_dim)."""
+        """Map x (..., W) to the prediction (..., token_dim): noise or velocity."""
         shift, scale = self.modulation(c).chunk(2, dim=-1)
         return self.linear(_modulate(self.norm(x), shift, scale))
 
@@ -158,7 +165,7 @@ def make_scheduler(sampler: str, cfg: HeadConfig) -> DDPMScheduler | DDIMSchedul
     common = {
         "num_train_timesteps": cfg.num_train_steps,
         "beta_schedule": cfg.beta_schedule,
-        "prediction_type": "epsilon",
+        "prediction_type": cfg.prediction,
     }
     # Features are not images: no clipping of x0 to [-1, 1]. "leading" spacing never visits the cosine
     # schedule's last steps, where alpha_bar ~ 1e-8 would blow up the x0 estimate (x - sigma * eps) / alpha.
@@ -222,7 +229,7 @@ class GenerativeHead(nn.Module):
             raise GenddError(f"target has shape {tuple(target.shape)} but the head expects (B, {cfg.feature_dim})")
 
     def forward(self, target: Tensor, z: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
-        """Diffusion (epsilon-MSE) loss of teacher features target (B, D_T) given conditions z (B, D_S)."""
+        """Diffusion (epsilon- or v-MSE) loss of teacher features target (B, D_T) given conditions z (B, D_S)."""
         self._check_dims(z, target)
         cfg = self.config
         target = (target - self.target_mean) / self.target_std
@@ -235,8 +242,15 @@ class GenerativeHead(nn.Module):
         drop = _rand((n, t_len, 1), generator, x0.device) < cfg.cond_dropout  # (N, T, 1)
         z = torch.where(drop, torch.zeros_like(z), z)  # z = 0 is the unconditional branch
         # add_noise wants one timestep per leading row, so noise the (N * T, k) view.
-        x_t = self.train_scheduler.add_noise(x0.flatten(0, 1), noise.flatten(0, 1), t.flatten()).view_as(x0)
-        return F.mse_loss(self.denoiser(x_t, t, z), noise)
+        flat = (x0.flatten(0, 1), noise.flatten(0, 1), t.flatten())
+        x_t = self.train_scheduler.add_noise(*flat).view_as(x0)
+        if cfg.prediction == "epsilon":
+            wanted = noise
+        elif cfg.prediction == "sample":
+            wanted = x0
+        else:
+            wanted = self.train_scheduler.get_velocity(*flat).view_as(x0)
+        return F.mse_loss(self.denoiser(x_t, t, z), wanted)
 
     def _guided_eps(self, x: Tensor, t: Tensor, z: Tensor, cfg_scale: float) -> Tensor:
         # With guidance, z holds the conditional rows followed by as many z = 0 rows: one batched call.

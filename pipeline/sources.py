@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -86,12 +87,24 @@ def _find(root: Path, stem: str) -> Path:
     )
 
 
+def _slice(locator: str) -> tuple[str, slice]:
+    """`train[:50000]` -> ("train", slice(None, 50000)): a held-out part of a split, for tuning off the test set."""
+    match = re.fullmatch(r"([^\[\]]+)(?:\[(\d*):(\d*)\])?", locator)
+    if match is None:
+        raise GenddError(f"split locator {locator!r}: expected NAME or NAME[start:stop], e.g. train[:50000]")
+    name, start, stop = match.groups()
+    return name, slice(int(start) if start else None, int(stop) if stop else None)
+
+
 def _idx(spec: DataSpec, split: str) -> tuple[np.ndarray, np.ndarray]:
-    root, prefix = Path(spec.path or ""), spec.splits[split]
+    root, (prefix, part) = Path(spec.path or ""), _slice(spec.splits[split])
     images = _read_idx(_find(root, f"{prefix}-images-idx3-ubyte"))
     labels = _read_idx(_find(root, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
     if len(images) != len(labels):
         raise GenddError(f"{root}: {prefix} has {len(images)} images but {len(labels)} labels; the files do not match")
+    images, labels = images[part], labels[part]
+    if len(images) == 0:
+        raise GenddError(f"{root}: split locator {spec.splits[split]!r} selects no images; check the slice bounds")
     return images, labels
 
 

@@ -31,6 +31,9 @@ def command(
     cond_dropout: float = typer.Option(0.2),
     head_lr_mult: float = typer.Option(2.5, help="Head and probe lr over the backbone lr (1 = paper's single lr)."),
     target_norm: bool = typer.Option(True, help="Standardise diffusion targets per dimension (off = paper's raw)."),
+    head_prediction: str = typer.Option(
+        "epsilon", help="What the head predicts: epsilon (paper), v_prediction or sample (x0)."
+    ),
     input_size: int | None = typer.Option(None, help="Student input size (default: the teacher's)."),
     policy: str = typer.Option("rrc", help="Augmentation when training without a cache (ce)."),
     seed: int = typer.Option(0),
@@ -61,6 +64,9 @@ def command(
         head_depth=head_depth,
         diffusion_batch_mul=diffusion_batch_mul,
         cond_dropout=cond_dropout,
+        head_lr_mult=head_lr_mult,
+        target_norm=target_norm,
+        head_prediction=head_prediction,
         input_size=input_size,
         policy=ViewPolicy(kind=policy),
         seed=seed,

@@ -161,3 +161,36 @@ def test_condition_dropout_zeroes_that_share_of_rows(dropout: float, monkeypatch
     assert n == 500 * cfg.diffusion_batch_mul
     share = zeroed / (n * cfg.num_tokens)  # dropout is per (sample, token, repeat) row
     assert abs(share - dropout) < 0.02
+
+
+@pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
+def test_other_predictions_learn_and_sample_the_targets(prediction: str) -> None:
+    """A head trained to predict velocity or x0 is sampled with the same parameterisation (a mismatch would miss)."""
+    torch.manual_seed(0)
+    cfg = HeadConfig(feature_dim=8, cond_dim=4, token_dim=4, width=128, depth=2, prediction=prediction)
+    head = GenerativeHead(cfg)
+    h = torch.randn(2, cfg.cond_dim)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-3)
+    with single_thread():
+        for _ in range(300):
+            loss = head(TARGETS.repeat(16, 1), head.condition(h.repeat(16, 1)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        out = head.eval().sample(head.condition(h), steps=10, generator=_gen(0))
+    assert torch.all((out - TARGETS).norm(dim=1) < (out - TARGETS.flip(0)).norm(dim=1))
+    assert torch.all((out - TARGETS).norm(dim=1) < 1.0)
+
+
+def test_prediction_targets_differ_and_unknown_is_refused() -> None:
+    """Same draws, three parameterisations: the regression targets differ, so the losses do."""
+    y, z = torch.randn(3, TINY.feature_dim), torch.randn(3, TINY.cond_dim)
+    losses = []
+    for prediction in ("epsilon", "v_prediction", "sample"):
+        torch.manual_seed(0)
+        head = GenerativeHead(HeadConfig(8, 4, 4, 128, 2, prediction=prediction))  # zero map: loss = E[target^2]
+        losses.append(head(y, z, generator=_gen(1)).item())
+    assert len({round(v, 6) for v in losses}) == 3
+    with pytest.raises(GenddError, match="v_prediction"):
+        HeadConfig(8, 4, 4, prediction="x")

@@ -1,5 +1,6 @@
 import gzip
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,20 @@ def test_idx_source_and_long_tail(tmp_path: Path) -> None:
     assert counts[0] == 30 and counts[-1] == int(30 / 100) and np.all(np.diff(counts) <= 0)
     assert np.bincount([s.label for s in iter_source(spec, "val")]).tolist() == [30] * 10
     assert len(long_tail_indices(labels, 10, 1.0)) == 300
+
+
+def test_holdout_spec_slices_the_training_file_and_never_reads_the_test_split(tmp_path: Path) -> None:
+    labels = np.arange(300) % 10
+    _idx_file(tmp_path / "train-images-idx3-ubyte.gz", np.arange(300)[:, None, None].repeat(28, 1).repeat(28, 2) % 256)
+    _idx_file(tmp_path / "train-labels-idx1-ubyte.gz", labels)  # no t10k files at all
+    spec = load_spec(ROOT / "data_specs" / "fashion_mnist_holdout.yaml", source_path=str(tmp_path))
+    spec = replace(spec, splits={"train": "train[:200]", "val": "train[200:]"})
+    train, val = list(iter_source(spec, "train")), list(iter_source(spec, "val"))
+    assert (len(train), len(val)) == (200, 100)
+    assert [int(s.image[0, 0, 0]) for s in val[:3]] == [200, 201, 202]  # the rows after the cut, in order
+    for bad in ("train[5]", "train[300:]"):
+        with pytest.raises(GenddError, match="train"):
+            list(iter_source(replace(spec, splits={"train": bad}), "train"))
 
 
 def test_missing_idx_files_say_how_to_get_them(tmp_path: Path) -> None:
