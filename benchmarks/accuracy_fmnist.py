@@ -187,7 +187,7 @@ def table(rows: list[dict], root: Path) -> str:
             ),
             None,
         )
-        untrained = r["method"] == "gendd_unsup"  # no labels, no probe loss: only the generative path is trained
+        untrained = bool(r.get("probe_untrained"))  # an old gendd_unsup student without the label-free probe
         main = r.get("generative_top1") if untrained else r["probe_top1"]
         delta = None if kd is None or main is None else main - kd
         shots = ""

@@ -85,6 +85,11 @@ def _log_live(out: Path, history: list[dict]) -> None:
         print(f"note: dvclive logging skipped ({type(err).__name__}: {err}); train.json holds the history")
 
 
+def _probe_kind(method: str) -> str:
+    """How the student's own classifier was trained: labels (ce), the teacher's softmax (kl; label-free)."""
+    return {"ce": "ce", "kd": "kd", "kl": "kl", "gendd": "ce", "gendd_unsup": "kl"}[method]
+
+
 def distill(cfg: DistillConfig) -> dict:
     """Train the student, then write student.safetensors/.json, head.safetensors, load_student.py, train.json."""
     _check_cache_views(cfg)
@@ -116,7 +121,7 @@ def distill(cfg: DistillConfig) -> dict:
         data.mean,
         data.std,
         feature_dim(student.net, in_chans, size),
-        extra={"method": cfg.train.method, "head": head_cfg},
+        extra={"method": cfg.train.method, "head": head_cfg, "probe": _probe_kind(cfg.train.method)},
     )
     save_model(student.net, card, cfg.out, "student")
     if student.head is not None:

@@ -187,8 +187,8 @@ def run_evaluation(
         teacher_head=teacher_head,
     )
     metrics["eval_seconds"] = time.perf_counter() - started
-    if metrics["method"] == "gendd_unsup":  # no labels, no probe loss: its classifier is untrained, report it as such
-        metrics["probe_untrained"] = True
+    if metrics["method"] == "gendd_unsup" and "probe" not in (card.get("extra") or {}):
+        metrics["probe_untrained"] = True  # a student from before the label-free probe: its classifier never trained
     metrics.update(summarise(logits, data.labels, card["num_classes"]))
     if "generative_top1" in metrics:
         metrics["probe_minus_generative"] = metrics["probe_top1"] - metrics["generative_top1"]

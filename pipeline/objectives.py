@@ -146,7 +146,13 @@ def compute_objective(
         probe = F.cross_entropy(classifier(feats.detach()), labels)  # the linear probe never trains the backbone
         loss = diffusion + probe
         return loss, {"loss": loss.detach(), "diffusion": diffusion.detach(), "probe_ce": probe.detach()}
-    # gendd_unsup: the diffusion loss alone, on uncontracted teacher features.
+    # gendd_unsup: the backbone learns from the diffusion loss alone, on uncontracted teacher features. A label-free
+    # probe (KL to the cached teacher logits, on the detached feature) makes the student usable without sampling;
+    # like the supervised probe it sends no gradient into the backbone.
     _require(method, head=head, teacher_features=teacher_features)
-    loss = _generative_loss(cfg, feats, head, teacher_features, None, None, generator)
-    return loss, {"loss": loss.detach(), "diffusion": loss.detach()}
+    diffusion = _generative_loss(cfg, feats, head, teacher_features, None, None, generator)
+    if teacher_logits is None:
+        return diffusion, {"loss": diffusion.detach(), "diffusion": diffusion.detach()}
+    probe = kl_loss(classifier(feats.detach()), teacher_logits)
+    loss = diffusion + probe
+    return loss, {"loss": loss.detach(), "diffusion": diffusion.detach(), "probe_kl": probe.detach()}

@@ -174,6 +174,17 @@ def test_gendd_unsup_is_the_diffusion_loss_alone() -> None:
     assert classifier.weight.grad is None
 
 
+def test_gendd_unsup_probe_learns_the_teacher_softmax_without_touching_the_backbone() -> None:
+    """With teacher logits, a label-free probe (KL) trains the classifier; the backbone still sees only diffusion."""
+    backbone, classifier, _ = _models("ce")
+    data = {**_teacher(), "labels": None, "centres": None}
+    loss, logs = _objective(ObjectiveConfig("gendd_unsup"), backbone, classifier, _ProbeOnlyHead(), data)
+    assert logs["diffusion"] == 0.0 and logs["probe_kl"] > 0
+    loss.backward()
+    assert classifier.weight.grad is not None and classifier.weight.grad.abs().sum() > 0
+    assert backbone.weight.grad is None or not backbone.weight.grad.any()
+
+
 @pytest.mark.parametrize(
     ("method", "drop", "message"),
     [
