@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from pipeline.errors import GenddError
 from pipeline.models import features, linear_head, load_card, load_model
-from pipeline.shards import ShardSet, load_index, read_shard, read_shard_labels
+from pipeline.shards import load_index, read_shard
 from pipeline.store import CacheMeta, FeatureCacheWriter, open_cache
 from pipeline.views import ViewPolicy, apply_views, sample_views
 
@@ -74,15 +74,6 @@ class TeacherRunner:
         return feats, feats @ self.weight.T + self.bias  # logits exactly as the stored head computes them
 
 
-def _split_keys(shards: ShardSet) -> tuple[list[str], np.ndarray]:
-    keys, labels = [], []
-    for i in range(len(shards.names)):
-        k, y = read_shard_labels(shards.path(i))
-        keys += k
-        labels += y
-    return keys, np.asarray(labels, dtype=np.int32)
-
-
 def _run_chunk(runner: TeacherRunner, images: torch.Tensor, views: np.ndarray, batch: int) -> tuple[np.ndarray, ...]:
     """Teacher outputs for every (sample, view) of a chunk, batched over flattened pairs."""
     n, k = views.shape[:2]
@@ -112,7 +103,8 @@ def extract_split(cfg: ExtractConfig, split: str, runner: TeacherRunner, rank: i
     if trained_on != index.spec_hash:
         print(f"note: the teacher was trained on data spec {trained_on}, extracting spec {index.spec_hash}")
     k = cfg.num_views if split == "train" else cfg.eval_views
-    keys, labels = _split_keys(shards)
+    keys, labels = shards.keys_and_labels()
+    labels = np.asarray(labels, dtype=np.int32)
     writer = FeatureCacheWriter.open(
         cfg.out,
         split,

@@ -32,6 +32,7 @@ class ShardSet:
     names: tuple[str, ...]
     counts: tuple[int, ...]
     starts: tuple[int, ...]
+    keys_file: str | None = None  # keys and labels of the split in order (JSON); absent in shards from before it
 
     @property
     def n(self) -> int:
@@ -41,6 +42,18 @@ class ShardSet:
     def path(self, i: int) -> Path:
         """Location of shard i."""
         return self.root / self.names[i]
+
+    def keys_and_labels(self) -> tuple[list[str], list[int]]:
+        """Every key and label of the split in global order: from the side file prepare wrote, else a shard scan."""
+        if self.keys_file and (self.root / self.keys_file).is_file():
+            record = json.loads((self.root / self.keys_file).read_text())
+            return record["keys"], record["labels"]
+        keys, labels = [], []
+        for i in range(len(self.names)):
+            k, y = read_shard_labels(self.path(i))
+            keys += k
+            labels += y
+        return keys, labels
 
 
 @dataclass(frozen=True)
@@ -97,7 +110,7 @@ def _batched(items: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
 
 
 def _write_split(spec: DataSpec, split: str, root: Path, shard_size: int, max_samples: int | None) -> dict:
-    names, counts, starts, seen = [], [], [], set()
+    names, counts, starts, seen, labels = [], [], [], {}, []
     samples = islice(iter_source(spec, split), max_samples)
     with tqdm(desc=f"prepare {split}", unit="img", leave=False) as bar:
         for i, chunk in enumerate(_batched(samples, shard_size)):
@@ -107,7 +120,8 @@ def _write_split(spec: DataSpec, split: str, root: Path, shard_size: int, max_sa
                     raise GenddError(
                         f"spec {spec.name}: duplicate sample key {sample.key!r} in {split}; keys must be unique"
                     )
-                seen.add(sample.key)
+                seen[sample.key] = None  # a dict: unique and in order (the keys file lists them)
+                labels.append(sample.label)
             if not (root / name).is_file():  # shards are deterministic: a finished one from a killed run is kept
                 _write_shard(root / name, chunk)
             names.append(name)
@@ -116,7 +130,10 @@ def _write_split(spec: DataSpec, split: str, root: Path, shard_size: int, max_sa
             bar.update(len(chunk))
     if not counts:
         raise GenddError(f"spec {spec.name}: split {split!r} has no samples; check the source path and spec")
-    return {"shards": names, "counts": counts, "starts": starts, "n": sum(counts)}
+    # Keys and labels in one small file: extraction sizes its store from them without scanning every shard.
+    keys_file = f"{split}-keys.json"
+    (root / keys_file).write_text(json.dumps({"keys": list(seen), "labels": labels}))
+    return {"shards": names, "counts": counts, "starts": starts, "n": sum(counts), "keys_file": keys_file}
 
 
 def load_index(root: str | Path) -> ShardIndex:
@@ -127,7 +144,7 @@ def load_index(root: str | Path) -> ShardIndex:
         raise GenddError(f"{path} not found; run `gendd prepare --spec <spec> --out {root}` first")
     raw = json.loads(path.read_text())
     splits = {
-        name: ShardSet(root, name, tuple(s["shards"]), tuple(s["counts"]), tuple(s["starts"]))
+        name: ShardSet(root, name, tuple(s["shards"]), tuple(s["counts"]), tuple(s["starts"]), s.get("keys_file"))
         for name, s in raw["splits"].items()
     }
     return ShardIndex(root, raw["spec"], raw["spec_hash"], raw["shard_size"], raw["max_samples"], splits)
@@ -144,13 +161,14 @@ def prepare_shards(
     if (root / INDEX).is_file():
         index = load_index(root)
         whole = all(s.path(i).is_file() for s in index.splits.values() for i in range(len(s.names)))
+        whole = whole and all((s.root / s.keys_file).is_file() for s in index.splits.values() if s.keys_file)
         if whole and (index.spec_hash, index.shard_size, index.max_samples) == tuple(signature.values()):
             return index, False
     # The marker says which settings the shards on disk were made with: finished shards of a killed run with the
     # same settings are kept (they are deterministic), anything else is cleared so no stale shard survives.
     marker = root / ".prepare.json"
     if not marker.is_file() or json.loads(marker.read_text()) != signature:
-        for stale in [*root.glob("*.tar"), root / INDEX]:
+        for stale in [*root.glob("*.tar"), *root.glob("*-keys.json"), root / INDEX]:
             stale.unlink(missing_ok=True)
     root.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(signature))
