@@ -42,7 +42,7 @@ from benchlib import (
 import pipeline.extract as extract_mod
 import pipeline.store as store_mod
 from pipeline.extract import ExtractConfig, TeacherRunner, extract
-from pipeline.shards import ShardIndex, load_split
+from pipeline.shards import ShardIndex, ShardSet, load_split
 from pipeline.views import ViewPolicy, sample_views
 
 NAME = "extract"
@@ -82,9 +82,9 @@ def attribute_time(cfg: ExtractConfig, device: torch.device, bare_s: float) -> l
     cls = store_mod.FeatureCacheWriter
     patches = [
         (extract_mod, "TeacherRunner", "teacher load (main)"),
-        (extract_mod, "_split_keys", "key/label scan of all shards (main)"),
+        (ShardSet, "keys_and_labels", "split keys/labels: keys file, or a scan of old shards (main)"),
         (cls, "open", "store create/open (main)"),
-        (extract_mod, "sample_views", "view sampling (main)"),
+        (extract_mod, "sample_views", "view sampling (reader thread)"),
         (extract_mod, "_run_chunk", "teacher chunks: forwards + host copy (main)"),
         (cls, "finalize", "finalize (main)"),
         (extract_mod, "read_shard", "tar read + PNG decode (reader thread)"),
@@ -97,10 +97,10 @@ def attribute_time(cfg: ExtractConfig, device: torch.device, bare_s: float) -> l
             stack.enter_context(mock.patch.object(owner, attr, timer.wrap(label, getattr(owner, attr))))
         seconds, results = timed(lambda: extract(cfg), device)
     views, loop = results[0]["views"], results[0]["seconds"]
-    main_busy = sum(timer.seconds[p[2]] for p in patches if p[1] in ("sample_views", "_run_chunk"))
+    main_busy = sum(timer.seconds[p[2]] for p in patches if p[1] == "_run_chunk")
     rows = [{"step": "extract() call (main)", "seconds": seconds, "calls": 1}]
     rows.append({"step": "  of which chunk loop (main)", "seconds": loop, "calls": 1})
-    rows.append({"step": "  loop minus views and teacher: waits, tqdm", "seconds": loop - main_busy, "calls": 1})
+    rows.append({"step": "  loop minus teacher chunks: waits, tqdm", "seconds": loop - main_busy, "calls": 1})
     rows += [{"step": label, "seconds": timer.seconds[label], "calls": timer.calls[label]} for _, _, label in patches]
     rows.append({"step": "bare teacher forward (reference, best)", "seconds": bare_s, "calls": 1})
     for row in rows:

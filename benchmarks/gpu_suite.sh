@@ -36,8 +36,8 @@ if [ "${SMALL:-0}" = 1 ]; then  # a dry run of the suite's commands at CPU sizes
   T32=(test_resnet); T224=(test_resnet); TSTORE=(test_resnet)
   CACHE=(--batch 64 --large-n 16 --large-batch 8 --large-views 2 --steps 2 --rounds 2)
 else
-  N=20000; N224=2048; LN=512; SIZES=(5000 20000 80000); SHARD=1000; SEEDS=5; MP=bf16
-  T32=(resnet18 resnet50); T224=(resnet50 vit_base_patch16_224); TSTORE=(resnet18 resnet50)
+  N=${N:-20000}; N224=2048; LN=512; SIZES=(5000 20000 80000); SHARD=1000; SEEDS=5; MP=bf16
+  read -r -a T32 <<<"${T32_TEACHERS:-resnet18 resnet50}"; T224=(resnet50 vit_base_patch16_224); TSTORE=(resnet18 resnet50)
   CACHE=(--batch 256 --large-n 512 --large-batch 64 --large-views 2 --steps 10 --rounds 3)
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'
@@ -64,7 +64,7 @@ fi
 # 1. extraction efficiency: CIFAR-like 32-px images (fast teachers: decode and writing matter most), then 224-px
 #    RGB images with a resnet50 in bf16 (PNG decode of large images against a fast GPU forward).
 run extract_32px benchmarks/bench_extract.py --tag 32px --data synthetic --n "$N" --image-size 32 --channels 3 \
-  --teachers "${T32[@]}" --views 8 --batch 1024 --shard-size "$SHARD"
+  --teachers "${T32[@]}" --views 8 --batch 1024 --shard-size "$SHARD" --repeats "${REPEATS:-3}"
 run extract_224px benchmarks/bench_extract.py --tag 224px --data synthetic --n "$N224" --image-size 224 --channels 3 \
   --teachers "${T224[@]}" --views 4 --batch 256 --shard-size 256 --mixed-precision "$MP"
 # Fashion-MNIST accuracy (issue: GenDD vs KD/KL/CE): all parts, student jobs sharing the GPU, under a time limit.
@@ -74,7 +74,13 @@ if wanted accuracy; then
   acc=(benchmarks/accuracy_fmnist.py --profile "${ACC_PROFILE:-gpu}" --part balanced unlabeled longtail
     --root "$GENDD_BENCH_WORK/acc" --results "$OUT" --name accuracy_fmnist_gpu --parallel "${ACC_JOBS:-16}"
     ${FMNIST:+--data "$FMNIST"})
-  timeout "${ACC_SECONDS:-420}" "$PY" "${acc[@]}" >"$OUT/accuracy.log" 2>&1 || failed+=(accuracy)
+  # ACC_SECONDS, or what is left of DEADLINE (seconds since this script started) minus time for the report
+  limit=${ACC_SECONDS:-$((${DEADLINE:-560} - SECONDS - 15))}
+  echo "   time limit ${limit} s"
+  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 10 >"$OUT/gpu_util.csv" 2>/dev/null &
+  smi=$!
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} timeout "$limit" "$PY" "${acc[@]}" >"$OUT/accuracy.log" 2>&1 || failed+=(accuracy)
+  kill "$smi" 2>/dev/null
   "$PY" "${acc[@]}" --report-only >/dev/null 2>&1  # the table of whatever finished, even after the time limit
   mkdir -p "$OUT/accuracy_runs"
   (cd "$GENDD_BENCH_WORK/acc" && find . \( -name metrics.json -o -name train.json -o -name "*.log" \
