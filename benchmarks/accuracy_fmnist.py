@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # validation split); the others use the settings tuned on the Fashion-MNIST holdout (benchmarks/tune_gendd.py, never
 # the test split; README).
 DIGITS_TUNED = ["--token-dim", "64", "--head-width", "256", "--diffusion-batch-mul", "2", "--head-lr-mult", "2.5"]
-HOLDOUT_TUNED = [*DIGITS_TUNED, "--head-prediction", "sample", "--diffusion-batch-mul", "8"]
+HOLDOUT_TUNED = [*DIGITS_TUNED, "--head-prediction", "v_prediction", "--diffusion-batch-mul", "8"]
 PROFILES = {
     # A dry run of the commands in a minute (not a result).
     "tiny": {
