@@ -80,8 +80,9 @@ def feature_dim(model: nn.Module, in_chans: int, input_size: int) -> int:
     """Size of the pre-logit feature, measured by one forward (some timm heads change it)."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device  # wherever an evaluation left it (the GPU after a val pass)
     with torch.no_grad():
-        dim = features(model, torch.zeros(1, in_chans, input_size, input_size)).shape[-1]
+        dim = features(model, torch.zeros(1, in_chans, input_size, input_size, device=device)).shape[-1]
     model.train(was_training)
     return int(dim)
 
