@@ -22,6 +22,7 @@ import threading
 import time
 from collections import defaultdict
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
@@ -40,8 +41,10 @@ from benchlib import (
 )
 
 import pipeline.extract as extract_mod
+import pipeline.shards as shards_mod
 import pipeline.store as store_mod
-from pipeline.extract import ExtractConfig, TeacherRunner, extract
+import pipeline.views as views_mod
+from pipeline.extract import ExtractConfig, TeacherRunner, decode_workers, extract
 from pipeline.shards import ShardIndex, ShardSet, load_split
 from pipeline.views import ViewPolicy, sample_views
 
@@ -84,13 +87,14 @@ def attribute_time(cfg: ExtractConfig, device: torch.device, bare_s: float) -> l
         (extract_mod, "TeacherRunner", "teacher load (main)"),
         (ShardSet, "keys_and_labels", "split keys/labels: keys file, or a scan of old shards (main)"),
         (cls, "open", "store create/open (main)"),
-        (extract_mod, "sample_views", "view sampling (reader thread)"),
+        (views_mod, "sample_views", "view sampling (reader thread)"),
         (extract_mod, "_run_chunk", "teacher chunks: forwards + host copy (main)"),
         (cls, "finalize", "finalize (main)"),
-        (extract_mod, "read_shard", "tar read + PNG decode (reader thread)"),
+        (shards_mod, "read_shard", "tar read + PNG decode (reader thread)"),
         (cls, "write_chunk", "encode + compress + write chunk (saver thread)"),
         (store_mod, "encode_chunk", "  of which encode to float16/bf16/int8 (saver thread)"),
     ]
+    cfg = replace(cfg, workers=0)  # one reader thread: timers cannot follow work into decode processes
     fresh_dir(cfg.out)
     with ExitStack() as stack:
         for owner, attr, label in patches:
@@ -148,6 +152,7 @@ def measure(args, index: ShardIndex, teacher_name: str, device: torch.device) ->
         codec=args.codec,
         mixed_precision=args.mixed_precision,
         cpu=device.type == "cpu",
+        workers=args.workers,
     )
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
     runner = TeacherRunner(tdir, device, dtype)
@@ -170,6 +175,7 @@ def measure(args, index: ShardIndex, teacher_name: str, device: torch.device) ->
         "D_T": runner.card["feature_dim"],
         "N": len(data.keys),
         "K": args.views,
+        "decode_workers": decode_workers(args.workers),
         "views": n_views,
         "bare_views_per_s": bare_vps,
         "extract_views_per_s": e2e_vps,
@@ -197,6 +203,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=512, help="(sample, view) pairs per forward (params.yaml: 512)")
     parser.add_argument("--shard-size", type=int, default=256, help="samples per shard = per cache chunk")
     parser.add_argument("--codec", default="zstd")
+    parser.add_argument("--workers", type=int, default=-1, help="shard-decode processes (-1 auto, 0 one thread)")
     parser.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cprofile", action="store_true", help="add a cProfile run (main thread)")
@@ -215,7 +222,7 @@ def main() -> None:
             f"(loop {row['extract_loop_views_per_s']:.0f}), ratio {row['ratio_end_to_end']:.3f} "
             f"(loop {row['ratio_loop']:.3f})"
         )
-        tables[f"time attribution, {name} (one instrumented run)"] = steps
+        tables[f"time attribution, {name} (one instrumented run, one reader thread)"] = steps
         tables[f"cProfile main thread, {name} (top by own time)"] = profile
     tables = {"extract vs bare teacher forward": rows, **tables}
     summary = {f"ratio end-to-end ({r['teacher']})": r["ratio_end_to_end"] for r in rows}

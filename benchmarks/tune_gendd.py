@@ -35,6 +35,7 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "v_mul8": ("gendd", [*BASE, "--head-prediction", "v_prediction", "--diffusion-batch-mul", "8"]),
     "v_warm2": ("gendd", [*BASE, "--head-prediction", "v_prediction", "--warmstart-epochs", "2"]),
     "v_c0.7": ("gendd", [*BASE, "--head-prediction", "v_prediction", "--contraction", "0.7"]),
+    "v_c0.5": ("gendd", [*BASE, "--head-prediction", "v_prediction", "--contraction", "0.5"]),
     "v_c1": ("gendd", [*BASE, "--head-prediction", "v_prediction", "--contraction", "1.0"]),
     "v_hlr5": ("gendd", [*BASE, "--head-prediction", "v_prediction", "--head-lr-mult", "5"]),
     "v_nomix": ("gendd", [*BASE, "--head-prediction", "v_prediction", "--mixup-beta", "0"]),

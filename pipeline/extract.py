@@ -1,13 +1,16 @@
 """Extraction: the frozen teacher over every sample and K replayed views, written chunk by chunk into the cache.
 
 One chunk = one image shard. Chunks already done are skipped (resume), ranks fill disjoint chunks (accelerate),
-the next shard is decoded and the previous chunk compressed on side threads while the teacher runs.
+the next shards are decoded (in worker processes where cores allow) and the previous chunk compressed on a side
+thread while the teacher runs.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,9 +21,9 @@ from tqdm import tqdm
 
 from pipeline.errors import GenddError
 from pipeline.models import features, linear_head, load_card, load_model
-from pipeline.shards import load_index, read_shard
+from pipeline.shards import ShardData, load_index, read_shard
 from pipeline.store import CacheMeta, FeatureCacheWriter, open_cache
-from pipeline.views import ViewPolicy, apply_views, sample_views
+from pipeline.views import ViewPolicy, apply_views, decode_shard_with_views
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,24 @@ class ExtractConfig:
     fmt: str = "zarr"
     mixed_precision: str = "no"
     cpu: bool = False
+    workers: int = -1  # shard-decode processes; 0 = one thread; -1 = auto (processes only where cores are spare)
+
+
+def decode_workers(requested: int) -> int:
+    """Shard-decode processes to use: PNG decode and tar parsing hold the GIL, so on a fast GPU a single reader
+    thread bounds extraction (measured: H100, resnet18 at 32 px, 0.30 of the bare forward). Auto: half the cores up
+    to 8, none on a 2-core machine (the teacher needs them)."""
+    if requested >= 0:
+        return requested
+    cores = os.cpu_count() or 1
+    return 0 if cores <= 2 else min(8, cores // 2)
+
+
+def _decoder(workers: int) -> Executor:
+    if workers == 0:
+        return ThreadPoolExecutor(1)
+    # spawn: the parent may hold a CUDA context, which a forked child must not inherit
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 def teacher_fingerprint(teacher_dir: Path) -> dict:
@@ -119,14 +140,15 @@ def extract_split(cfg: ExtractConfig, split: str, runner: TeacherRunner, rank: i
     todo = writer.pending_chunks(rank, world)
     size = int(index.spec["image_size"])
     started, pairs = time.perf_counter(), 0
-    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as saver:
+    workers = decode_workers(cfg.workers)
+    with _decoder(workers) as reader, ThreadPoolExecutor(1) as saver:
         keep_png = cfg.fmt == "webdataset"
+        ahead = max(1, workers)  # shards being decoded while the teacher works: one per worker
 
-        def load(i: int) -> tuple:  # decode a shard and draw its views off the main thread
-            data = read_shard(shards.path(i), keep_png)
-            return data, sample_views(data.keys, k, cfg.policy, cfg.seed, size)
+        def submit(i: int):
+            return reader.submit(decode_shard_with_views, str(shards.path(i)), keep_png, k, cfg.policy, cfg.seed, size)
 
-        next_data = reader.submit(load, todo[0]) if todo else None
+        queue = [submit(i) for i in todo[:ahead]]
         pending_write = None
         bar = tqdm(
             total=sum(shards.counts[i] for i in todo) * k,
@@ -136,9 +158,10 @@ def extract_split(cfg: ExtractConfig, split: str, runner: TeacherRunner, rank: i
             disable=rank != 0,
         )
         for pos, i in enumerate(todo):
-            data, views = next_data.result()
-            if pos + 1 < len(todo):  # decode the next shard while the teacher works on this one
-                next_data = reader.submit(load, todo[pos + 1])
+            chunk_keys, images, chunk_labels, png, views = queue.pop(0).result()
+            if pos + ahead < len(todo):  # keep every decoder busy while the teacher works on this shard
+                queue.append(submit(todo[pos + ahead]))
+            data = ShardData(chunk_keys, torch.from_numpy(images), torch.from_numpy(chunk_labels), png)
             if data.keys != keys[shards.starts[i] : shards.starts[i] + shards.counts[i]]:
                 raise GenddError(f"{shards.path(i)} changed since the cache was started; delete {cfg.out} and re-run")
             feats, logits = _run_chunk(runner, data.images, views, cfg.batch_size)

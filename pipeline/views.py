@@ -109,3 +109,15 @@ def apply_views(
     mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, c, 1, 1) * 255.0
     std_t = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, c, 1, 1) * 255.0
     return (crops - mean_t) / std_t
+
+
+def decode_shard_with_views(
+    path: str, keep_png: bool, k: int, policy: ViewPolicy, seed: int, size: int
+) -> tuple[list[str], np.ndarray, np.ndarray, list[bytes] | None, np.ndarray]:
+    """Decode a shard and draw its K views; plain arrays only, so it can run in a worker process (no GIL, no
+    tensor sharing): (keys, images (N, C, H, W) uint8, labels (N,), png or None, views (N, K, 5))."""
+    from pipeline.shards import read_shard
+
+    data = read_shard(path, keep_png)
+    views = sample_views(data.keys, k, policy, seed, size)
+    return data.keys, data.images.numpy(), data.labels.numpy(), data.png, views

@@ -21,6 +21,7 @@ def command(
     format: str = typer.Option("zarr", "--format", help="zarr, or webdataset (self-contained training shards)."),
     mixed_precision: str = typer.Option("no", help="no, bf16 or fp16 autocast for the teacher."),
     cpu: bool = typer.Option(False, help="Force the CPU."),
+    workers: int = typer.Option(-1, help="Shard-decode processes (0 = one thread; -1 = auto: half the cores, max 8)."),
 ) -> None:
     """Extract teacher features and logits; finished chunks are skipped, so a killed run resumes."""
     from pipeline.extract import ExtractConfig, extract
@@ -40,6 +41,7 @@ def command(
         format,
         mixed_precision,
         cpu,
+        workers,
     )
     for r in extract(cfg):
         state = {True: "complete", False: "incomplete", None: "written"}[r["complete"]]

@@ -262,6 +262,22 @@ def test_two_ranks_fill_one_store_like_one_process(
     _assert_same_arrays(tmp_path / "train.zarr", reference / "train.zarr")
 
 
+def test_decode_worker_processes_write_the_same_store(cfg: ExtractConfig, reference: Path, tmp_path: Path) -> None:
+    """Shards decoded in two spawned processes (the GPU-host setting) give the store one reader thread gives."""
+    extract(replace(cfg, out=tmp_path, workers=2))
+    for split in ("train", "val"):
+        _assert_same_arrays(tmp_path / f"{split}.zarr", reference / f"{split}.zarr")
+
+
+def test_decode_workers_auto_spares_a_small_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import extract as extract_mod
+
+    for cores, want in ((1, 0), (2, 0), (4, 2), (16, 8), (64, 8)):
+        monkeypatch.setattr(extract_mod.os, "cpu_count", lambda c=cores: c)
+        assert extract_mod.decode_workers(-1) == want
+    assert extract_mod.decode_workers(3) == 3
+
+
 def test_accelerate_launch_with_two_processes_fills_one_store(
     cfg: ExtractConfig, reference: Path, tmp_path: Path
 ) -> None:
