@@ -53,7 +53,7 @@ class TrainConfig:
     cond_dropout: float = 0.2
     head_lr_mult: float = 2.5  # head + probe learning rate over the backbone's (1.0 = the paper's single lr)
     target_norm: bool = True  # standardise diffusion targets per dimension (False = the paper's raw targets)
-    head_prediction: str = "epsilon"  # what the head's denoiser predicts: epsilon (paper) or v_prediction
+    head_prediction: str = "v_prediction"  # what the head predicts: v (tuned default), epsilon (paper) or sample
     input_size: int | None = None  # default: the teacher's input size (or the images' size)
     policy: ViewPolicy = field(default_factory=ViewPolicy)  # augmentation when training without a cache
     seed: int = 0
