@@ -10,15 +10,18 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 
 from pipeline.errors import GenddError
 from pipeline.sources import Sample, iter_source
 from pipeline.specs import DataSpec
+
+if TYPE_CHECKING:  # imported where tensors are built: shard-decode processes start without torch
+    import torch
 
 INDEX = "index.json"
 
@@ -192,7 +195,16 @@ class ShardData:
 
 
 def read_shard(path: str | Path, keep_png: bool = False) -> ShardData:
-    """Decode one whole shard in order; tarfile reads it in one pass (no streaming pipeline needed here)."""
+    """Decode one whole shard in order, as tensors."""
+    import torch
+
+    keys, images, labels, raw = decode_shard(path, keep_png)
+    return ShardData(keys, torch.from_numpy(images), torch.from_numpy(labels), raw)
+
+
+def decode_shard(path: str | Path, keep_png: bool = False) -> tuple[list[str], np.ndarray, np.ndarray, list | None]:
+    """Decode one whole shard in order, torch-free: keys, (N, C, H, W) uint8 images, (N,) int64 labels, and the
+    encoded images when asked. tarfile reads it in one pass (no streaming pipeline needed here)."""
     keys, images, labels, raw, current = [], [], [], [], {}
 
     def flush() -> None:
@@ -223,8 +235,7 @@ def read_shard(path: str | Path, keep_png: bool = False) -> ShardData:
         raise GenddError(f"{path}: unreadable shard ({err}); delete it and re-run gendd prepare") from err
     array = np.stack(images)
     array = array[:, None] if array.ndim == 3 else array.transpose(0, 3, 1, 2)  # -> (N, C, H, W)
-    labels_t = torch.tensor(labels, dtype=torch.int64)
-    return ShardData(keys, torch.from_numpy(np.ascontiguousarray(array)), labels_t, raw if keep_png else None)
+    return keys, np.ascontiguousarray(array), np.asarray(labels, dtype=np.int64), raw if keep_png else None
 
 
 def read_shard_labels(path: str | Path) -> tuple[list[str], list[int]]:
@@ -246,6 +257,8 @@ def read_shard_labels(path: str | Path) -> tuple[list[str], list[int]]:
 
 def load_split(shards: ShardSet) -> ShardData:
     """Every shard of a split, concatenated in global order (small datasets are held whole in memory)."""
+    import torch
+
     parts = [read_shard(shards.path(i)) for i in range(len(shards.names))]
     for i, part in enumerate(parts):
         if len(part.keys) != shards.counts[i]:

@@ -10,12 +10,14 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torchvision.ops import roi_align
 
 from pipeline.errors import GenddError
+
+if TYPE_CHECKING:  # torch is imported where views are applied: shard-decode processes start without it (~2 s less)
+    import torch
 
 POLICIES = ("rrc", "pad_crop", "flip", "none")
 IDENTITY = (0.0, 0.0, 1.0, 1.0, 0.0)
@@ -99,6 +101,9 @@ def apply_views(
     and averages several samples per bin when a crop shrinks, so one call serves every crop in the batch.
     """
     b, c, h, w = images.shape
+    import torch
+    from torchvision.ops import roi_align
+
     views = views.to(device=images.device, dtype=torch.float32)
     scale = torch.tensor([w, h, w, h], device=images.device, dtype=torch.float32)
     index = torch.arange(b, device=images.device, dtype=torch.float32)[:, None]
@@ -116,8 +121,7 @@ def decode_shard_with_views(
 ) -> tuple[list[str], np.ndarray, np.ndarray, list[bytes] | None, np.ndarray]:
     """Decode a shard and draw its K views; plain arrays only, so it can run in a worker process (no GIL, no
     tensor sharing): (keys, images (N, C, H, W) uint8, labels (N,), png or None, views (N, K, 5))."""
-    from pipeline.shards import read_shard
+    from pipeline.shards import decode_shard
 
-    data = read_shard(path, keep_png)
-    views = sample_views(data.keys, k, policy, seed, size)
-    return data.keys, data.images.numpy(), data.labels.numpy(), data.png, views
+    keys, images, labels, png = decode_shard(path, keep_png)
+    return keys, images, labels, png, sample_views(keys, k, policy, seed, size)
