@@ -9,7 +9,9 @@
 # accuracy"). Each step runs even if an earlier one failed (except a failed smoke test, which stops everything), and
 # the exit status says whether any failed. Torch threads stay at 1 in the benchmarks (the work is on the GPU).
 # accuracy: the Fashion-MNIST suite (benchmarks/accuracy_fmnist.py --profile gpu), all parts at once, ACC_JOBS student
-# jobs sharing the GPU, stopped after ACC_SECONDS; the table then covers the jobs that finished.
+# jobs sharing the GPU, stopped after ACC_SECONDS; the table then covers the jobs that finished. ACC_PARTS picks parts
+# (the long-tailed part finished in the second session; a 15-minute session fits: ONLY="smoke accuracy"
+# ACC_PARTS="balanced unlabeled" ACC_JOBS=10, about 9 minutes by the second session's epoch times).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -f .carry/setup.sh ] && [ "${SMALL:-0}" != 1 ]; then source .carry/setup.sh; fi  # cp312 wheels: GPU host only
@@ -71,7 +73,8 @@ run extract_224px benchmarks/bench_extract.py --tag 224px --data synthetic --n "
 if wanted accuracy; then
   echo "== accuracy"
   started=$SECONDS
-  acc=(benchmarks/accuracy_fmnist.py --profile "${ACC_PROFILE:-gpu}" --part balanced unlabeled longtail
+  read -r -a parts <<<"${ACC_PARTS:-balanced unlabeled longtail}"
+  acc=(benchmarks/accuracy_fmnist.py --profile "${ACC_PROFILE:-gpu}" --part "${parts[@]}"
     --root "$GENDD_BENCH_WORK/acc" --results "$OUT" --name accuracy_fmnist_gpu --parallel "${ACC_JOBS:-16}"
     ${FMNIST:+--data "$FMNIST"})
   # ACC_SECONDS, or what is left of DEADLINE (seconds since this script started) minus time for the report
