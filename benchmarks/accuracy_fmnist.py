@@ -51,6 +51,19 @@ PROFILES = {
         "n_samples": 3,
         "gendd": DIGITS_TUNED,
     },
+    # The cpu profile again with the holdout-tuned v-prediction (diffusion_batch_mul stays 2 on a CPU).
+    "cpu_v": {
+        "max_samples": 10000,
+        "teacher": "resnet18",
+        "teacher_epochs": 12,
+        "students": ["test_efficientnet", "test_resnet"],
+        "epochs": 10,
+        "views": 8,
+        "batch": 128,
+        "steps": 10,
+        "n_samples": 3,
+        "gendd": [*DIGITS_TUNED, "--head-prediction", "v_prediction"],
+    },
     # The whole training set; all 16 student jobs share one GPU at once (--parallel) to fit a ~8-minute GPU window.
     "gpu": {
         "max_samples": 0,
@@ -109,11 +122,12 @@ def setup_spec(spec_name: str, prof: dict, data: str | None, root: Path) -> None
         *("--spec", f"data_specs/{spec_name}.yaml", "--out", str(shards), "--shard-size", "1000"),
         *("--max-samples", str(prof["max_samples"]), *source),
     )
-    gendd(
-        "teacher",
-        *("--shards", str(shards), "--out", str(teacher), "--model", prof["teacher"], "--no-small-stem"),
-        *("--epochs", str(prof["teacher_epochs"]), "--batch-size", str(prof["batch"]), "--policy", "rrc"),
-    )
+    if not (teacher / "teacher.json").is_file():  # a finished teacher is kept (its checkpoint may predate new options)
+        gendd(
+            "teacher",
+            *("--shards", str(shards), "--out", str(teacher), "--model", prof["teacher"], "--no-small-stem"),
+            *("--epochs", str(prof["teacher_epochs"]), "--batch-size", str(prof["batch"]), "--policy", "rrc"),
+        )
     gendd(
         "extract",
         *("--shards", str(shards), "--teacher", str(teacher), "--out", str(cache)),

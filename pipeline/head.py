@@ -121,7 +121,7 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(width, token_dim)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        """Map x (..., W) to the prediction (..., token_dim): noise or velocity."""
+        """Map x (..., W) to the prediction (..., token_dim): noise, velocity or clean target."""
         shift, scale = self.modulation(c).chunk(2, dim=-1)
         return self.linear(_modulate(self.norm(x), shift, scale))
 
@@ -229,7 +229,7 @@ class GenerativeHead(nn.Module):
             raise GenddError(f"target has shape {tuple(target.shape)} but the head expects (B, {cfg.feature_dim})")
 
     def forward(self, target: Tensor, z: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
-        """Diffusion (epsilon- or v-MSE) loss of teacher features target (B, D_T) given conditions z (B, D_S)."""
+        """Diffusion loss (MSE on noise, velocity or x0) of teacher features (B, D_T) given conditions z (B, D_S)."""
         self._check_dims(z, target)
         cfg = self.config
         target = (target - self.target_mean) / self.target_std
