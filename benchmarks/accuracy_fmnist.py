@@ -24,8 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # validation split); the others use the settings tuned on the Fashion-MNIST holdout (benchmarks/tune_gendd.py, never
 # the test split; README).
 DIGITS_TUNED = ["--token-dim", "64", "--head-width", "256", "--diffusion-batch-mul", "2", "--head-lr-mult", "2.5"]
-HOLDOUT_TUNED = [*DIGITS_TUNED, "--head-prediction", "v_prediction", "--diffusion-batch-mul", "8"]
-PROFILES = {
+HOLDOUT_TUNED = [
+    *("--token-dim", "64", "--head-width", "256", "--diffusion-batch-mul", "8", "--head-lr-mult", "2.5"),
+    *("--head-prediction", "v_prediction"),
+]
+PROFILES: dict[str, dict] = {
     # A dry run of the commands in a minute (not a result).
     "tiny": {
         "max_samples": 300,
@@ -51,20 +54,8 @@ PROFILES = {
         "n_samples": 3,
         "gendd": DIGITS_TUNED,
     },
-    # The cpu profile again with the holdout-tuned v-prediction (diffusion_batch_mul stays 2 on a CPU).
-    "cpu_v": {
-        "max_samples": 10000,
-        "teacher": "resnet18",
-        "teacher_epochs": 12,
-        "students": ["test_efficientnet", "test_resnet"],
-        "epochs": 10,
-        "views": 8,
-        "batch": 128,
-        "steps": 10,
-        "n_samples": 3,
-        "gendd": [*DIGITS_TUNED, "--head-prediction", "v_prediction"],
-    },
-    # The whole training set; all 16 student jobs share one GPU at once (--parallel) to fit a ~8-minute GPU window.
+    # The whole training set; all 16 student jobs share one GPU at once (--parallel 16): an estimated 10-12 GPU
+    # minutes for all parts (second session's epoch times; benchmarks/README.md).
     "gpu": {
         "max_samples": 0,
         "teacher": "resnet18",
@@ -77,6 +68,8 @@ PROFILES = {
         "n_samples": 5,
     },
 }
+# The cpu profile again with the holdout-tuned v-prediction (diffusion_batch_mul stays 2 on a CPU).
+PROFILES["cpu_v"] = {**PROFILES["cpu"], "gendd": [*DIGITS_TUNED, "--head-prediction", "v_prediction"]}
 PARTS = {
     "balanced": ("fashion_mnist", ["ce", "kd", "gendd"]),
     "unlabeled": ("fashion_mnist", ["kl", "gendd_unsup"]),
@@ -113,8 +106,9 @@ def _tolerant(fn):
     return wrapped
 
 
-def setup_spec(spec_name: str, prof: dict, data: str | None, root: Path) -> None:
-    """Shards, teacher and feature cache of one data spec (each stage skips or resumes finished work)."""
+def setup_spec(spec_name: str, prof: dict, data: str | None, root: Path, teacher_args: tuple[str, ...] = ()) -> None:
+    """Shards, teacher and feature cache of one data spec under root/spec_name (each stage skips finished work);
+    teacher_args are extra `gendd teacher` options (e.g. --checkpoint to adopt weights instead of training)."""
     shards, teacher, cache = (root / spec_name / d for d in ("shards", "teacher", "cache"))
     source = ["--source-path", data] if data else []
     gendd(
@@ -127,6 +121,7 @@ def setup_spec(spec_name: str, prof: dict, data: str | None, root: Path) -> None
             "teacher",
             *("--shards", str(shards), "--out", str(teacher), "--model", prof["teacher"], "--no-small-stem"),
             *("--epochs", str(prof["teacher_epochs"]), "--batch-size", str(prof["batch"]), "--policy", "rrc"),
+            *teacher_args,
         )
     gendd(
         "extract",
@@ -135,23 +130,19 @@ def setup_spec(spec_name: str, prof: dict, data: str | None, root: Path) -> None
     )
 
 
-def run_job(job: tuple[str, str, str, int], prof: dict, root: Path, parallel: int) -> dict | None:
-    """Distil and evaluate one (part, student, method, seed); returns its table row (None if it has no metrics)."""
-    part, student, method, seed = job
-    base = root / PARTS[part][0]
+def distill_and_evaluate(
+    base: Path, run: str, student: str, method: str, seed: int, extra: list[str], prof: dict, log: Path | None = None
+) -> dict | None:
+    """Distil and evaluate one student under base/students/<run> and base/eval/<run> (skipped when its metrics
+    exist); returns the metrics (None if there are none)."""
     shards, cache = base / "shards", base / "cache"
-    run = f"{student}-{method}-s{seed}"
     out, ev = base / "students" / run, base / "eval" / run
-    extra = prof.get("gendd", HOLDOUT_TUNED) if method.startswith("gendd") else []
-    # With several jobs at once (a GPU host: small models leave the GPU mostly idle), each job logs to a file.
-    log = base / "logs" / f"{run}.log" if parallel > 1 else None
     if EXECUTE and not (ev / "metrics.json").is_file():
         gendd(
             "distill",
             *("--shards", str(shards), "--cache", str(cache), "--out", str(out), "--student", student),
             *("--no-small-stem", "--method", method, "--epochs", str(prof["epochs"])),
-            *("--batch-size", str(prof["batch"]), "--seed", str(seed), *prof.get("distill", [])),
-            *extra,
+            *("--batch-size", str(prof["batch"]), "--seed", str(seed), *extra),
             log=log,
         )
         gendd(
@@ -160,9 +151,19 @@ def run_job(job: tuple[str, str, str, int], prof: dict, root: Path, parallel: in
             *("--steps", str(prof["steps"]), "--n-samples", str(prof["n_samples"])),
             log=log,
         )
-    if not (ev / "metrics.json").is_file():
+    return json.loads((ev / "metrics.json").read_text()) if (ev / "metrics.json").is_file() else None
+
+
+def run_job(job: tuple[str, str, str, int], prof: dict, root: Path, parallel: int) -> dict | None:
+    """Distil and evaluate one (part, student, method, seed); returns its table row (None if it has no metrics)."""
+    part, student, method, seed = job
+    base, run = root / PARTS[part][0], f"{student}-{method}-s{seed}"
+    extra = prof.get("gendd", HOLDOUT_TUNED) if method.startswith("gendd") else []
+    # With several jobs at once (a GPU host: small models leave the GPU mostly idle), each job logs to a file.
+    log = base / "logs" / f"{run}.log" if parallel > 1 else None
+    metrics = distill_and_evaluate(base, run, student, method, seed, extra, prof, log)
+    if metrics is None:
         return None
-    metrics = json.loads((ev / "metrics.json").read_text())
     wall = metrics.get("train_seconds", 0.0) + metrics.get("eval_seconds", 0.0)
     return {"part": part, "student": student, "method": method, "seed": seed, "wall_s": wall, **metrics}
 
@@ -211,8 +212,7 @@ def table(rows: list[dict], root: Path) -> str:
         delta = None if kd is None or main is None else main - kd
         shots = ""
         if r["part"] == "longtail":
-            index = json.loads((root / "fashion_mnist_lt" / "shards" / "index.json").read_text())
-            counts = _class_counts(root / "fashion_mnist_lt" / "shards", index)
+            counts = _class_counts(root / "fashion_mnist_lt" / "shards")
             g = shot_groups(r, counts)
             shots = " / ".join(fmt(g.get(k)) for k in ("many", "medium", "few"))
         probe = "-" if untrained else fmt(r["probe_top1"])
@@ -224,12 +224,13 @@ def table(rows: list[dict], root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _class_counts(shards: Path, index: dict) -> list[int]:
-    from pipeline.shards import load_index, read_shard_labels
+def _class_counts(shards: Path) -> list[int]:
+    """Training images per class, from the split's keys file (no shard scan)."""
+    from pipeline.shards import load_index
 
-    ix = load_index(shards)
-    labels = [y for i in range(len(ix.split("train").names)) for y in read_shard_labels(ix.split("train").path(i))[1]]
-    return [labels.count(c) for c in range(int(index["spec"]["num_classes"]))]
+    index = load_index(shards)
+    labels = index.split("train").keys_and_labels()[1]
+    return [labels.count(c) for c in range(int(index.spec["num_classes"]))]
 
 
 def main() -> None:

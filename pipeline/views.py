@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.errors import GenddError
+from pipeline.shards import decode_shard
 
 if TYPE_CHECKING:  # torch is imported where views are applied: shard-decode processes start without it (~2 s less)
     import torch
@@ -121,7 +122,5 @@ def decode_shard_with_views(
 ) -> tuple[list[str], np.ndarray, np.ndarray, list[bytes] | None, np.ndarray]:
     """Decode a shard and draw its K views; plain arrays only, so it can run in a worker process (no GIL, no
     tensor sharing): (keys, images (N, C, H, W) uint8, labels (N,), png or None, views (N, K, 5))."""
-    from pipeline.shards import decode_shard
-
     keys, images, labels, png = decode_shard(path, keep_png)
     return keys, images, labels, png, sample_views(keys, k, policy, seed, size)
