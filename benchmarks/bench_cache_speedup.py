@@ -51,6 +51,7 @@ from pipeline.train import (
     epoch_views,
     load_train_data,
     param_groups,
+    targets_to,
 )
 from pipeline.views import apply_views
 
@@ -144,8 +145,10 @@ def measure(args, case: Case, device: torch.device) -> tuple[dict, dict]:
     ce = build_student(ce_cfg, replace(data, features=None), size).to(device).train()
     opt_g = torch.optim.AdamW(param_groups(gendd, 0.05, gendd_cfg.head_lr_mult), lr=1e-3)
     opt_c = torch.optim.AdamW(param_groups(ce, 0.05, 1.0), lr=1e-3)
+    data = targets_to(data, device)  # where training keeps the targets (on a GPU: on the device when they fit)
     order, view_index = epoch_plan(gendd_cfg, data, 0, 0, 1)
     views = epoch_views(gendd_cfg, data, 0, view_index, data.images.shape[-1])
+    order, view_index, views = (t.to(data.labels.device) for t in (order, view_index, views))
     images = data.images.to(device)
     n_batches = max(1, len(order) // case.batch)
     batches = [order[(b % n_batches) * case.batch : (b % n_batches + 1) * case.batch] for b in range(args.steps)]

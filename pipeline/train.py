@@ -79,6 +79,35 @@ class TrainData:
     head_weight: torch.Tensor | None = None  # (C, D_T): class centres of Distribution Contraction
     head_bias: torch.Tensor | None = None
     keys: list[str] = field(default_factory=list)
+    labeled: bool | None = None  # every sample labelled (set by targets_to; None: checked per batch)
+
+
+# Per-sample targets on the device may take this share of its free memory; more stays in pinned host memory.
+DEVICE_TARGET_SHARE = 0.25
+
+
+def targets_to(data: TrainData, device: torch.device) -> TrainData:
+    """The data with its per-sample targets (labels, views, teacher outputs) where the training steps gather them.
+
+    On a GPU they move to the device when they fit in DEVICE_TARGET_SHARE of its free memory: a copy from pageable
+    host memory synchronises the stream, so gathering on the host and copying every step stalls the queue (small
+    students are launch-bound). Otherwise they stay in pinned host memory, whose copies are asynchronous.
+    """
+    from dataclasses import replace
+
+    per_sample = [data.labels, data.views, data.features, data.logits]
+    labeled = bool((data.labels >= 0).all())
+    if device.type != "cuda":
+        return replace(data, labeled=labeled)
+    nbytes = sum(t.numel() * t.element_size() for t in per_sample if t is not None)
+    free, _ = torch.cuda.mem_get_info(device)
+    move = (lambda t: t.to(device)) if nbytes <= DEVICE_TARGET_SHARE * free else (lambda t: t.pin_memory())
+    moved = {
+        name: move(getattr(data, name))
+        for name in ("labels", "views", "features", "logits", "head_weight", "head_bias")
+        if getattr(data, name) is not None
+    }
+    return replace(data, **moved, labeled=labeled)
 
 
 def load_train_data(shards: str | Path, cache: str | Path | None, split: str = "train") -> TrainData:
@@ -233,19 +262,27 @@ def epoch_plan(
 def epoch_views(cfg: TrainConfig, data: TrainData, epoch: int, view_index: torch.Tensor, size: int) -> torch.Tensor:
     """(N, 5) views for an epoch: the cached view picked per sample, or fresh policy draws without a cache."""
     if data.views is not None:
-        return data.views[torch.arange(len(view_index)), view_index]
+        where = data.views.device
+        return data.views[torch.arange(len(view_index), device=where), view_index.to(where)]
     fresh = sample_views(data.keys, 2, cfg.policy, seed=cfg.seed * 100_003 + epoch, image_size=size)
     return torch.from_numpy(fresh[:, 1])
 
 
 def _batch(data: TrainData, idx: torch.Tensor, view_index: torch.Tensor, device: torch.device) -> dict:
-    """Targets of a batch on the device: labels and the cached teacher outputs of the chosen views."""
+    """Targets of a batch on the device: labels and the cached teacher outputs of the chosen views.
+
+    The gathers run where the targets live (see `targets_to`); idx and view_index are moved there if needed.
+    """
+    src = data.labels.device
+    idx, view_index = idx.to(src), view_index.to(src)
     batch: dict = {"head_weight": data.head_weight, "head_bias": data.head_bias}
-    if bool((data.labels[idx] >= 0).all()):
+    # Labels go with every batch of fully labelled data (known once, no device sync); else per batch on the host.
+    if data.labeled if data.labeled is not None else bool((data.labels[idx] >= 0).all()):
         batch["labels"] = data.labels[idx]
     if data.features is not None:
-        batch["teacher_features"] = data.features[idx, view_index[idx]].float()
-        batch["teacher_logits"] = data.logits[idx, view_index[idx]].float()
+        picked = view_index[idx]
+        batch["teacher_features"] = data.features[idx, picked].float()
+        batch["teacher_logits"] = data.logits[idx, picked].float()
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if v is not None}
 
 
@@ -271,6 +308,7 @@ class _Run:
     accelerator: object
     model: nn.Module
     optimizer: torch.optim.Optimizer
+    data: TrainData  # its targets where the steps gather them (targets_to)
     images: torch.Tensor  # (N, C, H, W) uint8, on the device
     steps_per_epoch: int
     total_steps: int
@@ -303,15 +341,20 @@ def _start_run(cfg: TrainConfig, data: TrainData, input_size: int, ckpt_path: Pa
     total_steps = cfg.epochs * steps_per_epoch  # the warm start is inside the budget: equal epochs for every method
     warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
     images = data.images.to(accelerator.device)  # small datasets live on the device whole; batches are gathers
-    return _Run(accelerator, model, optimizer, images, steps_per_epoch, total_steps, warmup, has_proj), start, history
+    data = targets_to(data, accelerator.device)
+    run = _Run(accelerator, model, optimizer, data, images, steps_per_epoch, total_steps, warmup, has_proj)
+    return run, start, history
 
 
-def _train_epoch(run: _Run, cfg: TrainConfig, data: TrainData, epoch: int, input_size: int) -> dict:
+def _train_epoch(run: _Run, cfg: TrainConfig, epoch: int, input_size: int) -> dict:
     """One epoch of optimiser steps; returns the epoch's mean logs, last lr and throughput."""
-    acc, device = run.accelerator, run.accelerator.device
+    acc, device, data = run.accelerator, run.accelerator.device, run.data
     run.model.train()
     order, view_index = epoch_plan(cfg, data, epoch, acc.process_index, acc.num_processes)
     views = epoch_views(cfg, data, epoch, view_index, run.images.shape[-1])
+    # One copy per epoch to where the targets live: the steps below slice and gather without host copies.
+    where = data.labels.device
+    order, view_index, views = order.to(where), view_index.to(where), views.to(where)
     warm = run.has_proj and epoch < cfg.warmstart_epochs
     sums: dict[str, torch.Tensor] = {}
     started = time.perf_counter()
@@ -350,7 +393,7 @@ def train(
     run, start, history = _start_run(cfg, data, input_size, ckpt_path, resume)
     acc = run.accelerator
     for epoch in range(start, cfg.epochs):
-        record = _train_epoch(run, cfg, data, epoch, input_size)
+        record = _train_epoch(run, cfg, epoch, input_size)
         if evaluate_fn is not None and acc.is_main_process:
             record.update(evaluate_fn(acc.unwrap_model(run.model)))
         history.append(record)

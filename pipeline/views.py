@@ -6,6 +6,7 @@ View 0 is the identity. Views 1..K-1 come from a policy and a counter-based gene
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Sequence
@@ -101,20 +102,33 @@ def apply_views(
     roi_align with aligned=True samples bin centres exactly as bilinear resizing (align_corners=False) does,
     and averages several samples per bin when a crop shrinks, so one call serves every crop in the batch.
     """
-    b, c, h, w = images.shape
+    b, _, h, w = images.shape
     import torch
     from torchvision.ops import roi_align
 
     views = views.to(device=images.device, dtype=torch.float32)
-    scale = torch.tensor([w, h, w, h], device=images.device, dtype=torch.float32)
+    # Scalar arithmetic and arange only: a torch.tensor(list) on a GPU is a host copy that syncs every step.
+    corners = views[:, :4].clone()
+    corners[:, 0::2] *= w
+    corners[:, 1::2] *= h
     index = torch.arange(b, device=images.device, dtype=torch.float32)[:, None]
-    boxes = torch.cat([index, views[:, :4] * scale], dim=1)  # (B, 5): batch index, x0, y0, x1, y1 in pixels
+    boxes = torch.cat([index, corners], dim=1)  # (B, 5): batch index, x0, y0, x1, y1 in pixels
     crops = roi_align(images.float(), boxes, output_size=(out_size, out_size), sampling_ratio=0, aligned=True)
     flip = views[:, 4].bool()[:, None, None, None]
     crops = torch.where(flip, crops.flip(-1), crops)  # (B, C, S, S)
-    mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, c, 1, 1) * 255.0
-    std_t = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, c, 1, 1) * 255.0
+    mean_t, std_t = _norm_constants(tuple(mean), tuple(std), images.device)
     return (crops - mean_t) / std_t
+
+
+@functools.lru_cache(maxsize=16)
+def _norm_constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple:
+    """(1, C, 1, 1) mean and std in 0-255 units on the device, made once per (mean, std, device)."""
+    import torch
+
+    def shaped(values: tuple[float, ...]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32).mul(255.0).view(1, -1, 1, 1).to(device)
+
+    return shaped(mean), shaped(std)
 
 
 def decode_shard_with_views(
