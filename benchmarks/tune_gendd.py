@@ -46,10 +46,15 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "unsup": ("gendd_unsup", [*BASE, *EPS]),
     "v_unsup": ("gendd_unsup", [*BASE, "--head-prediction", "v_prediction"]),
     "kl": ("kl", []),
+    # long-tailed holdout (--spec fashion_mnist_lt_holdout): logit-adjusted label CE (tau 1) for baselines and probe
+    "ce_la1": ("ce", ["--logit-adjust", "1"]),
+    "kd_la1": ("kd", ["--logit-adjust", "1"]),
+    "v_la1": ("gendd", [*BASE, "--head-prediction", "v_prediction", "--logit-adjust", "1"]),
 }
 
 
-SPEC = "fashion_mnist_holdout"
+# Held-out specs (train: part of the training set, val: the last 10k training images) -> results file suffix.
+SPECS = {"fashion_mnist_holdout": "", "fashion_mnist_lt_holdout": "_lt"}
 
 
 def run_config(base: Path, prof: dict, name: str, student: str, seed: int) -> dict | None:
@@ -65,6 +70,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="*", default=[], choices=sorted(CONFIGS))
     parser.add_argument("--student", default=None, help="default: the profile's last student")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--spec", choices=sorted(SPECS), default="fashion_mnist_holdout", help="held-out data spec")
     parser.add_argument("--data", default=None, help="Fashion-MNIST IDX directory (default: the spec's path)")
     parser.add_argument("--teacher-checkpoint", default=None, help="reuse these teacher weights instead of training")
     parser.add_argument("--root", default=str(ROOT / "outputs" / "tune_fmnist"))
@@ -76,13 +82,13 @@ def main() -> None:
     student = args.student or prof["students"][-1]
     if not args.report_only:
         reuse = ("--checkpoint", args.teacher_checkpoint) if args.teacher_checkpoint else ()
-        setup_spec(SPEC, prof, args.data, root, reuse)
+        setup_spec(args.spec, prof, args.data, root, reuse)
         if args.prepare_only:
             return
         for name in args.configs:
-            run_config(root / SPEC, prof, name, student, args.seed)
+            run_config(root / args.spec, prof, name, student, args.seed)
     accuracy_fmnist.EXECUTE = False  # tabulate every setting that has metrics, training nothing more
-    rows = [r for name in CONFIGS if (r := run_config(root / SPEC, prof, name, student, args.seed))]
+    rows = [r for name in CONFIGS if (r := run_config(root / args.spec, prof, name, student, args.seed))]
     write(rows, args, prof)
 
 
@@ -91,9 +97,10 @@ def write(rows: list[dict], args: argparse.Namespace, prof: dict) -> None:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     ref = {m: next((r["probe_top1"] for r in rows if r["config"] == m), None) for m in ("kd", "kl")}
     lines = [
-        f"# GenDD tuning on the Fashion-MNIST holdout ({args.profile} profile)\n",
+        f"# GenDD tuning on the Fashion-MNIST holdout ({args.profile} profile, spec {args.spec})\n",
         f"Machine: {machine}. Seed {args.seed}. Train: first {prof['max_samples'] or 50000} of the first 50k training "
-        "images; score: the last 10k training images (never the test split). "
+        f"images{' (then imbalance factor 100)' if SPECS[args.spec] else ''}; score: the last 10k training images "
+        "(balanced; never the test split). "
         f"Epochs {prof['epochs']}, batch {prof['batch']}, DDIM {prof['steps']} steps, {prof['n_samples']} samples.\n",
         "| config | method | options | probe top-1 | generative top-1 | probe - KD (unsupervised: - KL) | train s |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: |",
@@ -108,8 +115,9 @@ def write(rows: list[dict], args: argparse.Namespace, prof: dict) -> None:
     md = "\n".join(lines) + "\n"
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"tune_gendd_{args.profile}.md").write_text(md)
-    (out / f"tune_gendd_{args.profile}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    stem = f"tune_gendd_{args.profile}{SPECS[args.spec]}"
+    (out / f"{stem}.md").write_text(md)
+    (out / f"{stem}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     print(md, flush=True)
 
 

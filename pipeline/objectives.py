@@ -26,6 +26,9 @@ class ObjectiveConfig:
     mixup_beta: float = 1.0  # <= 0 turns feature mixup off
     kd_alpha: float = 1.0
     kd_tau: float = 4.0
+    # Logit adjustment (Menon et al. 2021) of every cross-entropy on labels (ce, kd, GenDD's probe): train on
+    # logits + tau * log(prior) and predict with the plain logits, which targets balanced accuracy on long-tailed data.
+    logit_adjust: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -37,6 +40,8 @@ class ObjectiveConfig:
             raise GenddError(f"contraction must be in [0, 1], got {self.contraction}")
         if self.kd_tau <= 0:
             raise GenddError(f"kd_tau must be positive, got {self.kd_tau}")
+        if self.logit_adjust < 0:
+            raise GenddError(f"logit_adjust must be >= 0 (0 = plain cross-entropy), got {self.logit_adjust}")
 
 
 def contract_targets(features: Tensor, labels: Tensor | None, centres: Tensor | None, lam: float) -> Tensor:
@@ -111,6 +116,20 @@ def _generative_loss(
     return head(y, z, generator=generator)
 
 
+def class_log_prior(labels: Tensor, num_classes: int) -> Tensor:
+    """log of the training class frequencies (C,), for logit adjustment; unseen classes count as one sample."""
+    counts = torch.bincount(labels[labels >= 0], minlength=num_classes).clamp_min(1).float()
+    return (counts / counts.sum()).log()
+
+
+def _label_ce(cfg: ObjectiveConfig, logits: Tensor, labels: Tensor, log_prior: Tensor | None) -> Tensor:
+    if cfg.logit_adjust == 0:
+        return F.cross_entropy(logits, labels)
+    if log_prior is None:
+        raise GenddError("logit_adjust needs the class prior of the training labels; none was given")
+    return F.cross_entropy(logits + cfg.logit_adjust * log_prior, labels)
+
+
 def compute_objective(
     cfg: ObjectiveConfig,
     *,
@@ -122,17 +141,18 @@ def compute_objective(
     labels: Tensor | None,
     centres: Tensor | None,
     generator: torch.Generator | None = None,
+    log_prior: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Total loss of cfg.method on student features (B, D_S) and detached scalars to log (no host sync per step)."""
     method = cfg.method
     if method == "ce":
         _require(method, labels=labels)
-        loss = F.cross_entropy(classifier(feats), labels)
+        loss = _label_ce(cfg, classifier(feats), labels, log_prior)
         return loss, {"loss": loss.detach(), "ce": loss.detach()}
     if method == "kd":
         _require(method, labels=labels, teacher_logits=teacher_logits)
         logits = classifier(feats)
-        ce = F.cross_entropy(logits, labels)
+        ce = _label_ce(cfg, logits, labels, log_prior)
         kl = _softened_kl(logits, teacher_logits, cfg.kd_tau)
         loss = ce + cfg.kd_alpha * kl
         return loss, {"loss": loss.detach(), "ce": ce.detach(), "kl": kl.detach()}
@@ -143,7 +163,7 @@ def compute_objective(
     if method == "gendd":
         _require(method, head=head, teacher_features=teacher_features, labels=labels)
         diffusion = _generative_loss(cfg, feats, head, teacher_features, labels, centres, generator)
-        probe = F.cross_entropy(classifier(feats.detach()), labels)  # the linear probe never trains the backbone
+        probe = _label_ce(cfg, classifier(feats.detach()), labels, log_prior)  # never trains the backbone
         loss = diffusion + probe
         return loss, {"loss": loss.detach(), "diffusion": diffusion.detach(), "probe_ce": probe.detach()}
     # gendd_unsup: the backbone learns from the diffusion loss alone, on uncontracted teacher features. A label-free

@@ -21,6 +21,7 @@ from pipeline.objectives import (
     SUPERVISED,
     USES_HEAD,
     ObjectiveConfig,
+    class_log_prior,
     compute_objective,
     contract_targets,
     kl_loss,
@@ -134,9 +135,14 @@ def load_train_data(shards: str | Path, cache: str | Path | None, split: str = "
 class Student(nn.Module):
     """A timm network (its own classifier is the linear probe), plus the generative head and warm-start projection."""
 
-    def __init__(self, net: nn.Module, head: GenerativeHead | None, proj: nn.Module | None) -> None:
+    def __init__(
+        self, net: nn.Module, head: GenerativeHead | None, proj: nn.Module | None, log_prior: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
         self.net, self.head, self.proj = net, head, proj
+        self.log_prior: torch.Tensor | None
+        # Training-label class prior for logit adjustment; a buffer so it follows the model to its device.
+        self.register_buffer("log_prior", log_prior, persistent=log_prior is not None)
 
     def forward(
         self, x: torch.Tensor, batch: dict, objective: ObjectiveConfig, warm: bool
@@ -159,6 +165,7 @@ class Student(nn.Module):
             teacher_logits=batch.get("teacher_logits"),
             labels=batch.get("labels"),
             centres=batch.get("head_weight"),
+            log_prior=self.log_prior,
         )
 
 
@@ -189,7 +196,8 @@ def build_student(cfg: TrainConfig, data: TrainData, input_size: int) -> Student
                 head.set_target_stats(*target_stats(cfg, data))
         if cfg.warmstart_epochs:
             proj = nn.Linear(d_s, d_t)  # stage 1: student feature -> teacher feature space -> frozen teacher head
-    return Student(net, head, proj)
+    log_prior = class_log_prior(data.labels, num_classes) if cfg.objective.logit_adjust else None
+    return Student(net, head, proj, log_prior)
 
 
 def target_stats(cfg: TrainConfig, data: TrainData) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,6 +220,8 @@ def check_data_serves(cfg: TrainConfig, data: TrainData) -> None:
         raise GenddError(f"method {cfg.method} needs the teacher feature cache: pass --cache (run gendd extract)")
     if data.features is not None and data.views is None:
         raise GenddError("the cache holds no views to replay; re-run gendd extract")
+    if cfg.objective.logit_adjust and cfg.method not in SUPERVISED:
+        raise GenddError(f"logit_adjust shifts the label cross-entropy, which {cfg.method} has none of; set it to 0")
     if cfg.warmstart_epochs and not 0 <= cfg.warmstart_epochs < cfg.epochs:
         raise GenddError(f"warmstart_epochs ({cfg.warmstart_epochs}) must be fewer than epochs ({cfg.epochs})")
 

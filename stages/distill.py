@@ -24,6 +24,9 @@ def command(
     mixup_beta: float = typer.Option(1.0, help="Feature mixup Beta parameter (0 = off)."),
     kd_alpha: float = typer.Option(1.0),
     kd_tau: float = typer.Option(4.0),
+    logit_adjust: float = typer.Option(
+        0.0, help="Long-tailed data: the label CE (ce, kd, GenDD's probe) sees logits + tau*log(class prior); 0 = off."
+    ),
     token_dim: int = typer.Option(64, help="Split Tokenization: teacher feature dims per token."),
     head_width: int = typer.Option(1024),
     head_depth: int = typer.Option(3),
@@ -32,7 +35,7 @@ def command(
     head_lr_mult: float = typer.Option(2.5, help="Head and probe lr over the backbone lr (1 = paper's single lr)."),
     target_norm: bool = typer.Option(True, help="Standardise diffusion targets per dimension (off = paper's raw)."),
     head_prediction: str = typer.Option(
-        "epsilon", help="What the head predicts: epsilon (paper), v_prediction or sample (x0)."
+        "v_prediction", help="What the head predicts: v_prediction, epsilon (paper) or sample (x0)."
     ),
     input_size: int | None = typer.Option(None, help="Student input size (default: the teacher's)."),
     policy: str = typer.Option("rrc", help="Augmentation when training without a cache (ce)."),
@@ -47,7 +50,7 @@ def command(
     from pipeline.train import TrainConfig
     from pipeline.views import ViewPolicy
 
-    objective = ObjectiveConfig(method, contraction, mixup_beta, kd_alpha, kd_tau)
+    objective = ObjectiveConfig(method, contraction, mixup_beta, kd_alpha, kd_tau, logit_adjust)
     train = TrainConfig(
         model=student,
         small_stem=small_stem,

@@ -51,9 +51,11 @@ def test_every_distill_option_reaches_the_training_config(monkeypatch, tmp_path:
     args = ["--shards", str(tmp_path), "--out", str(tmp_path / "o"), "--head-lr-mult", "1", "--no-target-norm"]
     args += ["--head-prediction", "sample", "--diffusion-batch-mul", "7", "--head-width", "96", "--token-dim", "32"]
     args += ["--cond-dropout", "0.1", "--warmstart-epochs", "2", "--contraction", "0.5", "--mixup-beta", "0"]
+    args += ["--logit-adjust", "1.5"]
     result = CliRunner().invoke(app, ["distill", *args])
     assert result.exit_code == 0, result.output
     cfg = seen["train"]
     assert (cfg.head_lr_mult, cfg.target_norm, cfg.head_prediction) == (1.0, False, "sample")
     assert (cfg.diffusion_batch_mul, cfg.head_width, cfg.head_token_dim, cfg.cond_dropout) == (7, 96, 32, 0.1)
     assert (cfg.warmstart_epochs, cfg.objective.contraction, cfg.objective.mixup_beta) == (2, 0.5, 0.0)
+    assert cfg.objective.logit_adjust == 1.5

@@ -9,6 +9,7 @@ from pipeline.objectives import (
     METHODS,
     USES_HEAD,
     ObjectiveConfig,
+    class_log_prior,
     compute_objective,
     contract_targets,
     feature_mixup,
@@ -208,3 +209,25 @@ def test_gendd_without_a_head_raises() -> None:
     backbone, classifier, _ = _models("ce")
     with pytest.raises(GenddError, match="head was not given"):
         _objective(ObjectiveConfig("gendd"), backbone, classifier, None, _teacher())
+
+
+def test_logit_adjustment_shifts_the_label_ce_by_the_log_prior() -> None:
+    """ce, kd and the GenDD probe train on logits + tau * log(prior); tau = 0 is plain cross-entropy."""
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 2, -1])
+    prior = class_log_prior(labels, 4)  # -1 (unlabelled) is not counted; an unseen class counts once
+    assert torch.allclose(prior.exp(), torch.tensor([6.0, 2.0, 1.0, 1.0]) / 10)
+    data, classifier = _teacher(), nn.Linear(D_S, C)
+    feats, log_prior = torch.randn(B, D_S, generator=_gen(1)), class_log_prior(_teacher()["labels"], C)
+    plain = F.cross_entropy(classifier(feats), data["labels"])
+    shifted = F.cross_entropy(classifier(feats) + 2.0 * log_prior, data["labels"])
+    common = {"feats": feats, "classifier": classifier, "head": None, "teacher_features": None, "centres": None}
+    common |= {"teacher_logits": data["teacher_logits"], "labels": data["labels"], "log_prior": log_prior}
+    loss, _ = compute_objective(ObjectiveConfig("ce", logit_adjust=2.0), **common)
+    assert torch.allclose(loss, shifted) and not torch.allclose(loss, plain)
+    loss, logs = compute_objective(ObjectiveConfig("kd", logit_adjust=2.0), **common)
+    assert torch.allclose(logs["ce"], shifted)
+    assert torch.allclose(compute_objective(ObjectiveConfig("ce"), **common)[0], plain)
+    with pytest.raises(GenddError, match="class prior"):
+        compute_objective(ObjectiveConfig("ce", logit_adjust=2.0), **{**common, "log_prior": None})
+    with pytest.raises(GenddError, match="logit_adjust"):
+        ObjectiveConfig("ce", logit_adjust=-1.0)

@@ -88,6 +88,7 @@ def test_refusals_are_one_line() -> None:
         (TINY, _data(labeled=False), "needs labels"),
         (replace(TINY, method="kd", objective=ObjectiveConfig("kd")), _data(cached=False), "cache"),
         (replace(TINY, warmstart_epochs=3), _data(), "warmstart_epochs"),
+        (replace(TINY, method="kl", objective=ObjectiveConfig("kl", logit_adjust=1.0)), _data(), "logit_adjust"),
     ]
     for cfg, data, words in cases:
         with pytest.raises(GenddError, match=words) as info:
@@ -131,3 +132,13 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path: Path) -> None:
     train(replace(TINY, epochs=2, warmstart_epochs=0), data, tmp_path, 8)
     with pytest.raises(GenddError, match="other settings"):
         train(replace(TINY, epochs=2, warmstart_epochs=0, lr=1e-2), data, tmp_path, 8)
+
+
+def test_logit_adjustment_gives_the_student_the_training_class_prior() -> None:
+    data = _data()
+    data.labels = torch.tensor([0] * 30 + [1] * 12 + [2] * 6)
+    adjusted = build_student(replace(TINY, objective=ObjectiveConfig("gendd", logit_adjust=1.0)), data, 8)
+    assert torch.allclose(adjusted.log_prior.exp(), torch.tensor([30.0, 12.0, 6.0]) / 48)
+    assert "log_prior" in adjusted.state_dict()  # resumes with the same prior
+    plain = build_student(TINY, data, 8)
+    assert plain.log_prior is None and "log_prior" not in plain.state_dict()
