@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,8 +120,11 @@ def _meta(cfg: ExtractConfig, index, split: str, n: int, k: int) -> CacheMeta:
     return CacheMeta(teacher=teacher_fingerprint(cfg.teacher), dataset=dataset, views=views, codec=cfg.codec)
 
 
-def extract_split(cfg: ExtractConfig, split: str, runner: TeacherRunner, rank: int = 0, world: int = 1) -> dict:
-    """Fill this rank's missing chunks of one split; returns counts and throughput."""
+def extract_split(
+    cfg: ExtractConfig, split: str, runner: TeacherRunner, rank: int = 0, world: int = 1, reader: Executor | None = None
+) -> dict:
+    """Fill this rank's missing chunks of one split; returns counts and throughput. `reader` decodes shards (a pool
+    shared by the splits); without one the split starts its own."""
     index = load_index(cfg.shards)
     shards = index.split(split)
     trained_on = (runner.card.get("extra") or {}).get("spec_hash", index.spec_hash)
@@ -142,9 +146,12 @@ def extract_split(cfg: ExtractConfig, split: str, runner: TeacherRunner, rank: i
     )
     todo = writer.pending_chunks(rank, world)
     size = int(index.spec["image_size"])
-    started, pairs = time.perf_counter(), 0
+    started, pairs, first_chunk = time.perf_counter(), 0, None
     workers = decode_workers(cfg.workers)
-    with _decoder(workers) as reader, ThreadPoolExecutor(1) as saver:
+    with ExitStack() as stack:
+        if reader is None:
+            reader = stack.enter_context(_decoder(workers))
+        saver = stack.enter_context(ThreadPoolExecutor(1))
         keep_png = cfg.fmt == "webdataset"
         ahead = max(1, workers)  # shards being decoded while the teacher works: one per worker
 
@@ -172,12 +179,16 @@ def extract_split(cfg: ExtractConfig, split: str, runner: TeacherRunner, rank: i
                 pending_write.result()  # surface write errors, keep at most one chunk in flight
             pending_write = saver.submit(writer.write_chunk, i, feats, logits, views, data.png)
             pairs += len(data.keys) * k
+            if first_chunk is None:  # the pipeline fill: first decode (and worker start) + one teacher chunk
+                first_chunk = (time.perf_counter() - started, pairs)
             bar.update(len(data.keys) * k)
             bar.set_postfix(views_per_s=f"{pairs / (time.perf_counter() - started):.0f}")
         if pending_write is not None:
             pending_write.result()
         bar.close()
     seconds = time.perf_counter() - started
+    fill_s, fill_pairs = first_chunk or (0.0, 0)
+    rest_s = seconds - fill_s
     return {
         "split": split,
         "n": len(keys),
@@ -186,6 +197,9 @@ def extract_split(cfg: ExtractConfig, split: str, runner: TeacherRunner, rank: i
         "views": pairs,
         "seconds": seconds,
         "views_per_s": pairs / seconds if seconds > 0 else 0.0,
+        "first_chunk_s": fill_s,
+        # after the first chunk: the rate a long extraction converges to (None with a single chunk)
+        "steady_views_per_s": (pairs - fill_pairs) / rest_s if len(todo) > 1 and rest_s > 0 else None,
         "writer": writer,
     }
 
@@ -194,17 +208,27 @@ def extract(cfg: ExtractConfig) -> list[dict]:
     """Extract every requested split (resumable, multi-process under `accelerate launch`); marks stores complete."""
     from accelerate import Accelerator
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    runner = TeacherRunner(cfg.teacher, accelerator.device, dtypes.get(cfg.mixed_precision))
-    results = []
-    for split in cfg.splits:
-        result = extract_split(cfg, split, runner, accelerator.process_index, accelerator.num_processes)
-        accelerator.wait_for_everyone()
-        writer = result.pop("writer")
-        result["complete"] = writer.finalize() if accelerator.is_main_process else None
-        results.append(result)
+    # The decode processes start first and serve every split: forked before the teacher and CUDA are loaded, the
+    # children are cheaper to fork and hold no CUDA state; one pool saves a second start-up for the val split.
+    with _decoder(decode_workers(cfg.workers)) as reader:
+        _start_workers(reader)
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+        runner = TeacherRunner(cfg.teacher, accelerator.device, dtypes.get(cfg.mixed_precision))
+        results = []
+        for split in cfg.splits:
+            result = extract_split(cfg, split, runner, accelerator.process_index, accelerator.num_processes, reader)
+            accelerator.wait_for_everyone()
+            writer = result.pop("writer")
+            result["complete"] = writer.finalize() if accelerator.is_main_process else None
+            results.append(result)
     return results
+
+
+def _start_workers(reader: Executor) -> None:
+    """Fork a process pool's workers now (a fork pool starts all of them at its first task)."""
+    if isinstance(reader, ProcessPoolExecutor):
+        reader.submit(int).result()
 
 
 def verify_cache(cache: Path, split: str, teacher: Path, shards: Path, samples: int = 32, seed: int = 0) -> dict:
