@@ -10,8 +10,8 @@
 # the exit status says whether any failed. Torch threads stay at 1 in the benchmarks (the work is on the GPU).
 # accuracy: the Fashion-MNIST suite (benchmarks/accuracy_fmnist.py --profile gpu), all parts at once, ACC_JOBS student
 # jobs sharing the GPU, stopped after ACC_SECONDS; the table then covers the jobs that finished. ACC_PARTS picks parts
-# (the long-tailed part finished in the second session; a 15-minute session fits: ONLY="smoke accuracy"
-# ACC_PARTS="balanced unlabeled" ACC_JOBS=10, about 9 minutes by the second session's epoch times).
+# (third session: ONLY="smoke accuracy" ACC_PARTS="balanced unlabeled" ACC_JOBS=10 DEADLINE=560 took 530 s; all three
+# parts with 16 jobs would need ~10 minutes). A call cut by its time limit resumes from the epoch checkpoints.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -f .carry/setup.sh ] && [ "${SMALL:-0}" != 1 ]; then source .carry/setup.sh; fi  # cp312 wheels: GPU host only
@@ -19,7 +19,8 @@ if [ -d .carry/data/fashion-mnist ]; then FMNIST=${FMNIST:-$PWD/.carry/data/fash
 PY=${PYTHON:-python3}
 OUT=${OUT:-benchmarks/results/gpu}
 DEVICE=${DEVICE:-cuda}
-export GENDD_BENCH_WORK=${GENDD_BENCH_WORK:-/tmp/gendd-bench}
+# scratch inside the checkout (ignored by git): it stays on a warm GPU machine between calls, so a second call resumes
+export GENDD_BENCH_WORK=${GENDD_BENCH_WORK:-$PWD/outputs/gpu-work}
 mkdir -p "$OUT"
 failed=()
 run() {
