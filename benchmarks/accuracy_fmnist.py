@@ -106,10 +106,16 @@ def _tolerant(fn):
     return wrapped
 
 
+def cache_name(prof: dict) -> str:
+    """The cache folder of a profile's codec: `cache` for the default (lossless zstd), `cache_<codec>` otherwise."""
+    codec = prof.get("codec", "zstd")
+    return "cache" if codec == "zstd" else f"cache_{codec}"
+
+
 def setup_spec(spec_name: str, prof: dict, data: str | None, root: Path, teacher_args: tuple[str, ...] = ()) -> None:
     """Shards, teacher and feature cache of one data spec under root/spec_name (each stage skips finished work);
     teacher_args are extra `gendd teacher` options (e.g. --checkpoint to adopt weights instead of training)."""
-    shards, teacher, cache = (root / spec_name / d for d in ("shards", "teacher", "cache"))
+    shards, teacher, cache = (root / spec_name / d for d in ("shards", "teacher", cache_name(prof)))
     source = ["--source-path", data] if data else []
     gendd(
         "prepare",
@@ -126,7 +132,7 @@ def setup_spec(spec_name: str, prof: dict, data: str | None, root: Path, teacher
     gendd(
         "extract",
         *("--shards", str(shards), "--teacher", str(teacher), "--out", str(cache)),
-        *("--views", str(prof["views"]), "--policy", "rrc"),
+        *("--views", str(prof["views"]), "--policy", "rrc", "--codec", prof.get("codec", "zstd")),
     )
 
 
@@ -135,7 +141,7 @@ def distill_and_evaluate(
 ) -> dict | None:
     """Distil and evaluate one student under base/students/<run> and base/eval/<run> (skipped when its metrics
     exist); returns the metrics (None if there are none)."""
-    shards, cache = base / "shards", base / "cache"
+    shards, cache = base / "shards", base / cache_name(prof)
     out, ev = base / "students" / run, base / "eval" / run
     if EXECUTE and not (ev / "metrics.json").is_file():
         gendd(
@@ -158,6 +164,8 @@ def run_job(job: tuple[str, str, str, int], prof: dict, root: Path, parallel: in
     """Distil and evaluate one (part, student, method, seed); returns its table row (None if it has no metrics)."""
     part, student, method, seed = job
     base, run = root / PARTS[part][0], f"{student}-{method}-s{seed}"
+    if cache_name(prof) != "cache":  # a lossy cache: its own students next to the default cache's
+        run += f"-{prof['codec']}"
     extra = prof.get("gendd", HOLDOUT_TUNED) if method.startswith("gendd") else []
     # With several jobs at once (a GPU host: small models leave the GPU mostly idle), each job logs to a file.
     log = base / "logs" / f"{run}.log" if parallel > 1 else None
@@ -243,11 +251,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--report-only", action="store_true", help="only tabulate the runs already on disk")
+    parser.add_argument("--codec", default="zstd", help="cache codec (zstd lossless; bf16, int8 lossy: their top-1)")
     parser.add_argument("--name", default=None, help="results file stem (default: accuracy_fmnist_<profile>[_<parts>])")
     args = parser.parse_args()
     global EXECUTE
     EXECUTE = not args.report_only
-    prof, root = PROFILES[args.profile], Path(args.root) / args.profile
+    prof, root = {**PROFILES[args.profile], "codec": args.codec}, Path(args.root) / args.profile
     parts = list(PARTS) if "all" in args.part else args.part
     rows = run_suite(parts, args.seeds, prof, args.data, root, args.parallel)
     write_results(rows, args, prof, root, args.parallel)
@@ -276,6 +285,7 @@ def write_results(rows: list[dict], args: argparse.Namespace, prof: dict, root: 
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or f"accuracy_fmnist_{args.profile}" + ("" if "all" in args.part else "_" + "_".join(args.part))
+    name += "" if args.codec == "zstd" else f"_{args.codec}"
     (out / f"{name}.md").write_text(md)
     slim = [{k: v for k, v in r.items() if not k.endswith("_per_class")} for r in rows]
     (out / f"{name}.json").write_text(json.dumps({"machine": machine, "profile": prof, "rows": slim}, indent=1))
