@@ -19,6 +19,7 @@ from pipeline.train import (
     epoch_plan,
     param_groups,
     schedule,
+    targets_to,
     train,
 )
 
@@ -142,3 +143,17 @@ def test_logit_adjustment_gives_the_student_the_training_class_prior() -> None:
     assert "log_prior" in adjusted.state_dict()  # resumes with the same prior
     plain = build_student(TINY, data, 8)
     assert plain.log_prior is None and "log_prior" not in plain.state_dict()
+
+
+def test_targets_where_steps_gather_them_give_the_same_batches() -> None:
+    """targets_to settles once whether batches carry labels (no per-step check on the device); the batches match
+    the per-batch host path."""
+    from pipeline.train import _batch
+
+    data, idx = _data(), torch.tensor([3, 7, 11, 0])
+    view_index = torch.randint(2, (48,), generator=torch.Generator().manual_seed(1))
+    placed = targets_to(data, torch.device("cpu"))
+    assert placed.labeled is True and data.labeled is None
+    before, after = (_batch(d, idx, view_index, torch.device("cpu")) for d in (data, placed))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert "labels" not in _batch(targets_to(_data(labeled=False), torch.device("cpu")), idx, view_index, "cpu")
