@@ -74,7 +74,11 @@ PARTS = {
     "balanced": ("fashion_mnist", ["ce", "kd", "gendd"]),
     "unlabeled": ("fashion_mnist", ["kl", "gendd_unsup"]),
     "longtail": ("fashion_mnist_lt", ["ce", "kd", "gendd"]),
+    # the same with logit-adjusted label cross-entropy for every method (--logit-adjust 1; README "Long-tailed data")
+    "longtail_la": ("fashion_mnist_lt", ["ce", "kd", "gendd"]),
 }
+# distill options a part adds to every method, and the suffix its run names get
+PART_OPTIONS = {"longtail_la": (["--logit-adjust", "1"], "-la1")}
 
 
 EXECUTE = True
@@ -166,7 +170,9 @@ def run_job(job: tuple[str, str, str, int], prof: dict, root: Path, parallel: in
     base, run = root / PARTS[part][0], f"{student}-{method}-s{seed}"
     if cache_name(prof) != "cache":  # a lossy cache: its own students next to the default cache's
         run += f"-{prof['codec']}"
-    extra = prof.get("gendd", HOLDOUT_TUNED) if method.startswith("gendd") else []
+    part_extra, suffix = PART_OPTIONS.get(part, ([], ""))
+    run += suffix
+    extra = [*(prof.get("gendd", HOLDOUT_TUNED) if method.startswith("gendd") else []), *part_extra]
     # With several jobs at once (a GPU host: small models leave the GPU mostly idle), each job logs to a file.
     log = base / "logs" / f"{run}.log" if parallel > 1 else None
     metrics = distill_and_evaluate(base, run, student, method, seed, extra, prof, log)
@@ -219,7 +225,7 @@ def table(rows: list[dict], root: Path) -> str:
         main = r.get("generative_top1") if untrained else r["probe_top1"]
         delta = None if kd is None or main is None else main - kd
         shots = ""
-        if r["part"] == "longtail":
+        if r["part"].startswith("longtail"):
             counts = _class_counts(root / "fashion_mnist_lt" / "shards")
             g = shot_groups(r, counts)
             shots = " / ".join(fmt(g.get(k)) for k in ("many", "medium", "few"))
