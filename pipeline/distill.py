@@ -121,12 +121,7 @@ def distill(cfg: DistillConfig) -> dict:
         data.mean,
         data.std,
         feature_dim(student.net, in_chans, size),
-        extra={
-            "method": cfg.train.method,
-            "head": head_cfg,
-            "probe": _probe_kind(cfg.train.method),
-            "logit_adjust": cfg.train.objective.logit_adjust,  # evaluate corrects the generative path to match
-        },
+        extra={"method": cfg.train.method, "head": head_cfg, "probe": _probe_kind(cfg.train.method)},
     )
     save_model(student.net, card, cfg.out, "student")
     if student.head is not None:

@@ -101,14 +101,6 @@ def val_probe_evaluator(shards: Path, size: int, mean: tuple, std: tuple) -> Cal
     return evaluate_fn
 
 
-def posthoc_adjust(logits: torch.Tensor, tau: float, train_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Logits minus tau * log(training class prior) (Menon et al. 2021, post-hoc): the balanced readout of a classifier
-    trained with plain cross-entropy on long-tailed labels, such as the teacher head behind the generative path."""
-    from pipeline.objectives import class_log_prior
-
-    return logits - tau * class_log_prior(train_labels, num_classes)
-
-
 def summarise(logits: dict[str, torch.Tensor], labels: torch.Tensor, num_classes: int) -> dict:
     """Metrics of every path: top-1, top-5 and per-class top-1."""
     metrics: dict = {}
@@ -195,13 +187,6 @@ def run_evaluation(
         teacher_head=teacher_head,
     )
     metrics["eval_seconds"] = time.perf_counter() - started
-    tau = float((card.get("extra") or {}).get("logit_adjust") or 0.0)
-    if tau and "generative" in logits:
-        # The probe of a student trained with --logit-adjust is a balanced readout; the teacher head behind the
-        # generative path learnt plain CE on the same labels, so it gets the post-hoc form of the same correction.
-        train_labels = torch.tensor(index.split("train").keys_and_labels()[1])
-        logits["generative"] = posthoc_adjust(logits["generative"], tau, train_labels, card["num_classes"])
-        metrics["generative_logit_adjust"] = tau
     if metrics["method"] == "gendd_unsup" and "probe" not in (card.get("extra") or {}):
         metrics["probe_untrained"] = True  # a student from before the label-free probe: its classifier never trained
     metrics.update(summarise(logits, data.labels, card["num_classes"]))

@@ -231,15 +231,3 @@ def test_logit_adjustment_shifts_the_label_ce_by_the_log_prior() -> None:
         compute_objective(ObjectiveConfig("ce", logit_adjust=2.0), **{**common, "log_prior": None})
     with pytest.raises(GenddError, match="logit_adjust"):
         ObjectiveConfig("ce", logit_adjust=-1.0)
-
-
-def test_posthoc_adjustment_moves_ties_to_the_rarer_class() -> None:
-    """The generative path's post-hoc correction subtracts tau * log(prior): equal logits then pick the rare class."""
-    from pipeline.evaluate import posthoc_adjust
-
-    train_labels = torch.tensor([0] * 90 + [1] * 10)
-    logits = torch.zeros(2, 2)
-    adjusted = posthoc_adjust(logits, 1.0, train_labels, 2)
-    assert adjusted.argmax(1).tolist() == [1, 1]
-    assert torch.allclose(adjusted[0], -torch.log(torch.tensor([0.9, 0.1])))
-    assert torch.equal(posthoc_adjust(logits, 0.0, train_labels, 2), logits)
