@@ -98,9 +98,9 @@ def write(rows: list[dict], args: argparse.Namespace, prof: dict) -> None:
     ref = {m: next((r["probe_top1"] for r in rows if r["config"] == m), None) for m in ("kd", "kl")}
     lines = [
         f"# GenDD tuning on the Fashion-MNIST holdout ({args.profile} profile, spec {args.spec})\n",
-        f"Machine: {machine}. Seed {args.seed}. Train: first {prof['max_samples'] or 50000} of the first 50k training "
-        f"images{' (then imbalance factor 100)' if SPECS[args.spec] else ''}; score: the last 10k training images "
-        "(balanced; never the test split). "
+        f"Machine: {machine}. Seed {args.seed}. Train: the first 50k training images"
+        f"{', made long-tailed (imbalance factor 100),' if SPECS[args.spec] else ''} capped at "
+        f"{prof['max_samples'] or 50000}; score: the last 10k training images (balanced; never the test split). "
         f"Epochs {prof['epochs']}, batch {prof['batch']}, DDIM {prof['steps']} steps, {prof['n_samples']} samples.\n",
         "| config | method | options | probe top-1 | generative top-1 | probe - KD (unsupervised: - KL) | train s |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: |",
