@@ -6,7 +6,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -94,8 +94,6 @@ def targets_to(data: TrainData, device: torch.device) -> TrainData:
     host memory synchronises the stream, so gathering on the host and copying every step stalls the queue (small
     students are launch-bound). Otherwise they stay in pinned host memory, whose copies are asynchronous.
     """
-    from dataclasses import replace
-
     per_sample = [data.labels, data.views, data.features, data.logits]
     labeled = bool((data.labels >= 0).all())
     if device.type != "cuda":
