@@ -290,8 +290,11 @@ def write_results(rows: list[dict], args: argparse.Namespace, prof: dict, root: 
     )
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    name = args.name or f"accuracy_fmnist_{args.profile}" + ("" if "all" in args.part else "_" + "_".join(args.part))
-    name += "" if args.codec == "zstd" else f"_{args.codec}"
+    name = args.name or (
+        f"accuracy_fmnist_{args.profile}"
+        + ("" if "all" in args.part else "_" + "_".join(args.part))
+        + ("" if args.codec == "zstd" else f"_{args.codec}")
+    )
     (out / f"{name}.md").write_text(md)
     slim = [{k: v for k, v in r.items() if not k.endswith("_per_class")} for r in rows]
     (out / f"{name}.json").write_text(json.dumps({"machine": machine, "profile": prof, "rows": slim}, indent=1))
