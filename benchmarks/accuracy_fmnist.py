@@ -54,8 +54,8 @@ PROFILES: dict[str, dict] = {
         "n_samples": 3,
         "gendd": DIGITS_TUNED,
     },
-    # The whole training set; all 16 student jobs share one GPU at once (--parallel 16): an estimated 10-12 GPU
-    # minutes for all parts (second session's epoch times; benchmarks/README.md).
+    # The whole training set; student jobs share one GPU (--parallel N). H100, third session: balanced + unlabeled
+    # (10 jobs) took 478 s including prepare, teacher and extraction (benchmarks/README.md).
     "gpu": {
         "max_samples": 0,
         "teacher": "resnet18",
