@@ -168,7 +168,7 @@ def run_job(job: tuple[str, str, str, int], prof: dict, root: Path, parallel: in
     """Distil and evaluate one (part, student, method, seed); returns its table row (None if it has no metrics)."""
     part, student, method, seed = job
     base, run = root / PARTS[part][0], f"{student}-{method}-s{seed}"
-    if cache_name(prof) != "cache":  # a lossy cache: its own students next to the default cache's
+    if prof.get("codec", "zstd") != "zstd":  # a lossy cache: its own students next to the default cache's
         run += f"-{prof['codec']}"
     part_extra, suffix = PART_OPTIONS.get(part, ([], ""))
     run += suffix

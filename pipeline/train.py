@@ -284,8 +284,10 @@ def _batch(data: TrainData, idx: torch.Tensor, view_index: torch.Tensor, device:
     src = data.labels.device
     idx, view_index = idx.to(src), view_index.to(src)
     batch: dict = {"head_weight": data.head_weight, "head_bias": data.head_bias}
-    # Labels go with every batch of fully labelled data (known once, no device sync); else per batch on the host.
-    if data.labeled if data.labeled is not None else bool((data.labels[idx] >= 0).all()):
+    labeled = data.labeled  # settled once by targets_to: no device sync per step
+    if labeled is None:  # data not placed by targets_to: check this batch on the host
+        labeled = bool((data.labels[idx] >= 0).all())
+    if labeled:
         batch["labels"] = data.labels[idx]
     if data.features is not None:
         picked = view_index[idx]
