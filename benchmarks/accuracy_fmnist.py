@@ -70,6 +70,20 @@ PROFILES: dict[str, dict] = {
 }
 # The cpu profile again with the holdout-tuned v-prediction (diffusion_batch_mul stays 2 on a CPU).
 PROFILES["cpu_v"] = {**PROFILES["cpu"], "gendd": [*DIGITS_TUNED, "--head-prediction", "v_prediction"]}
+# cpu_v with every method at its best learning rate on the Fashion-MNIST holdout (tune_gendd.py, test_resnet, 10
+# epochs; the default 0.002 was too low for all of them). Reuses cpu_v's shards, teacher and cache; runs end in "-lr".
+PROFILES["cpu_lr"] = {
+    **PROFILES["cpu_v"],
+    "data_from": "cpu_v",
+    "suffix": "-lr",
+    "method_options": {
+        "ce": ["--lr", "0.016"],
+        "kd": ["--lr", "0.032"],
+        "kl": ["--lr", "0.016"],
+        "gendd": ["--lr", "0.008"],
+        "gendd_unsup": ["--lr", "0.008"],  # supervised GenDD's best (0.016 untried unsupervised)
+    },
+}
 PARTS = {
     "balanced": ("fashion_mnist", ["ce", "kd", "gendd"]),
     "unlabeled": ("fashion_mnist", ["kl", "gendd_unsup"]),
@@ -171,8 +185,12 @@ def run_job(job: tuple[str, str, str, int], prof: dict, root: Path, parallel: in
     if prof.get("codec", "zstd") != "zstd":  # a lossy cache: its own students next to the default cache's
         run += f"-{prof['codec']}"
     part_extra, suffix = PART_OPTIONS.get(part, ([], ""))
-    run += suffix
-    extra = [*(prof.get("gendd", HOLDOUT_TUNED) if method.startswith("gendd") else []), *part_extra]
+    run += prof.get("suffix", "") + suffix
+    extra = [
+        *(prof.get("gendd", HOLDOUT_TUNED) if method.startswith("gendd") else []),
+        *prof.get("method_options", {}).get(method, []),
+        *part_extra,
+    ]
     # With several jobs at once (a GPU host: small models leave the GPU mostly idle), each job logs to a file.
     log = base / "logs" / f"{run}.log" if parallel > 1 else None
     metrics = distill_and_evaluate(base, run, student, method, seed, extra, prof, log)
@@ -262,7 +280,8 @@ def main() -> None:
     args = parser.parse_args()
     global EXECUTE
     EXECUTE = not args.report_only
-    prof, root = {**PROFILES[args.profile], "codec": args.codec}, Path(args.root) / args.profile
+    prof = {**PROFILES[args.profile], "codec": args.codec}
+    root = Path(args.root) / prof.get("data_from", args.profile)  # shards, teacher and cache of that profile
     parts = list(PARTS) if "all" in args.part else args.part
     rows = run_suite(parts, args.seeds, prof, args.data, root, args.parallel)
     write_results(rows, args, prof, root, args.parallel)
