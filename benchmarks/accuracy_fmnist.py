@@ -84,6 +84,13 @@ PROFILES["cpu_lr"] = {
         "gendd_unsup": ["--lr", "0.008"],  # supervised GenDD's best (0.016 untried unsupervised)
     },
 }
+# The gpu profile with those learning rates (tuned at batch 128 on the CPU holdout; not yet run on a GPU).
+PROFILES["gpu_lr"] = {
+    **PROFILES["gpu"],
+    "data_from": "gpu",
+    "suffix": "-lr",
+    "method_options": PROFILES["cpu_lr"]["method_options"],
+}
 PARTS = {
     "balanced": ("fashion_mnist", ["ce", "kd", "gendd"]),
     "unlabeled": ("fashion_mnist", ["kl", "gendd_unsup"]),
@@ -244,8 +251,9 @@ def table(rows: list[dict], root: Path) -> str:
         delta = None if kd is None or main is None else main - kd
         shots = ""
         if r["part"].startswith("longtail"):
-            counts = _class_counts(root / "fashion_mnist_lt" / "shards")
-            g = shot_groups(r, counts)
+            # rows merged from an earlier run bring their groups (this host may not hold the long-tailed shards)
+            g = r.get("shots") or shot_groups(r, _class_counts(root / "fashion_mnist_lt" / "shards"))
+            r["shots"] = g  # kept in the JSON, which drops the per-class lists
             shots = " / ".join(fmt(g.get(k)) for k in ("many", "medium", "few"))
         probe = "-" if untrained else fmt(r["probe_top1"])
         lines.append(
@@ -257,9 +265,11 @@ def table(rows: list[dict], root: Path) -> str:
 
 
 def _class_counts(shards: Path) -> list[int]:
-    """Training images per class, from the split's keys file (no shard scan)."""
+    """Training images per class, from the split's keys file (no shard scan); none where the shards are absent."""
     from pipeline.shards import load_index
 
+    if not (shards / "index.json").is_file():
+        return []
     index = load_index(shards)
     labels = index.split("train").keys_and_labels()[1]
     return [labels.count(c) for c in range(int(index.spec["num_classes"]))]
@@ -277,6 +287,12 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="only tabulate the runs already on disk")
     parser.add_argument("--codec", default="zstd", help="cache codec (zstd lossless; bf16, int8 lossy: their top-1)")
     parser.add_argument("--name", default=None, help="results file stem (default: accuracy_fmnist_<profile>[_<parts>])")
+    parser.add_argument(
+        "--merge",
+        default=None,
+        help="results JSON of earlier runs of this profile (e.g. seed 0 on another day): its rows that are not re-run "
+        "join the table, so a second seed or part adds to it",
+    )
     args = parser.parse_args()
     global EXECUTE
     EXECUTE = not args.report_only
@@ -284,10 +300,45 @@ def main() -> None:
     root = Path(args.root) / prof.get("data_from", args.profile)  # shards, teacher and cache of that profile
     parts = list(PARTS) if "all" in args.part else args.part
     rows = run_suite(parts, args.seeds, prof, args.data, root, args.parallel)
-    write_results(rows, args, prof, root, args.parallel)
+    kept = {}
+    if args.merge:
+        rows, kept = merge_rows(Path(args.merge), rows, prof)
+    write_results(rows, args, prof, root, args.parallel, kept)
 
 
-def write_results(rows: list[dict], args: argparse.Namespace, prof: dict, root: Path, parallel: int = 1) -> None:
+def _row_key(row: dict) -> tuple:
+    return row["part"], row["student"], row["method"], row["seed"]
+
+
+def merge_rows(path: Path, rows: list[dict], prof: dict) -> tuple[list[dict], dict]:
+    """The rows of an earlier results JSON of the same profile that `rows` do not replace, joined with `rows` in
+    table order (part, student, method, seed), and that file's other top-level keys (notes such as "runs")."""
+    if not path.is_file():
+        sys.exit(f"--merge: {path} does not exist; give the .json an earlier run of this profile wrote")
+    earlier = json.loads(path.read_text())
+    default = {"codec": "zstd"}  # results written before the codec option have no codec key
+    if {**default, **earlier.get("profile", {})} != {**default, **prof}:
+        sys.exit(
+            f"--merge: {path} was measured with another profile ({earlier.get('profile')}); rows of different "
+            "settings cannot share one table: write to a new --name instead"
+        )
+    new = {_row_key(r) for r in rows}
+    # each earlier row keeps the machine it ran on (a later run may get another GPU)
+    kept_rows = [{"machine": earlier.get("machine"), **r} for r in earlier.get("rows", []) if _row_key(r) not in new]
+    merged = kept_rows + rows
+    parts, students = list(PARTS), prof["students"]
+
+    def order(r: dict) -> tuple:
+        methods = PARTS[r["part"]][1]
+        return parts.index(r["part"]), students.index(r["student"]), methods.index(r["method"]), r["seed"]
+
+    kept = {k: v for k, v in earlier.items() if k not in ("machine", "profile", "rows")}
+    return sorted(merged, key=order), kept
+
+
+def write_results(
+    rows: list[dict], args: argparse.Namespace, prof: dict, root: Path, parallel: int = 1, kept: dict | None = None
+) -> None:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     try:
         import torch
@@ -296,8 +347,11 @@ def write_results(rows: list[dict], args: argparse.Namespace, prof: dict, root: 
             machine = torch.cuda.get_device_name(0)
     except ImportError:
         pass
+    rows = [{"machine": machine, **r} for r in rows]  # rows merged from an earlier run name their own machine
+    machine = ", ".join(dict.fromkeys(r["machine"] for r in rows)) or machine
+    seeds = sorted({r["seed"] for r in rows}) or args.seeds  # merged rows may add seeds
     md = (
-        f"# Fashion-MNIST accuracy ({args.profile} profile)\n\nMachine: {machine}. Seeds: {args.seeds}. "
+        f"# Fashion-MNIST accuracy ({args.profile} profile)\n\nMachine: {machine}. Seeds: {seeds}. "
         f"Profile: {json.dumps(prof)}. GenDD options: `{' '.join(prof.get('gendd', HOLDOUT_TUNED))}`.\n"
         + (
             f"Student jobs ran {parallel} at a time on the one device, so their seconds include that sharing.\n"
@@ -316,7 +370,8 @@ def write_results(rows: list[dict], args: argparse.Namespace, prof: dict, root: 
     )
     (out / f"{name}.md").write_text(md)
     slim = [{k: v for k, v in r.items() if not k.endswith("_per_class")} for r in rows]
-    (out / f"{name}.json").write_text(json.dumps({"machine": machine, "profile": prof, "rows": slim}, indent=1))
+    doc = {"machine": machine, "profile": prof, **(kept or {}), "rows": slim}
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=1))
     print(md, flush=True)
 
 

@@ -10,7 +10,8 @@
 # the exit status says whether any failed. Torch threads stay at 1 in the benchmarks (the work is on the GPU).
 # accuracy: the Fashion-MNIST suite (benchmarks/accuracy_fmnist.py --profile gpu), all parts at once, ACC_JOBS student
 # jobs sharing the GPU, stopped after ACC_SECONDS; the table then covers the jobs that finished. ACC_PARTS picks parts,
-# ACC_SEEDS seeds (e.g. ACC_SEEDS=1 for a second seed next to earlier results)
+# ACC_SEEDS seeds (e.g. ACC_SEEDS=1 for a second seed next to earlier results), ACC_MERGE an earlier results JSON of the
+# same profile whose other rows join the table (ACC_MERGE=benchmarks/results/gpu/accuracy_fmnist_gpu.json)
 # (third session: ONLY="smoke accuracy" ACC_PARTS="balanced unlabeled" ACC_JOBS=10 DEADLINE=560 took 530 s; all three
 # parts with 16 jobs would need ~10 minutes). A call cut by its time limit resumes from the epoch checkpoints.
 set -uo pipefail
@@ -78,7 +79,7 @@ if wanted accuracy; then
   read -r -a parts <<<"${ACC_PARTS:-balanced unlabeled longtail}"
   acc=(benchmarks/accuracy_fmnist.py --profile "${ACC_PROFILE:-gpu}" --part "${parts[@]}"
     --root "$GENDD_BENCH_WORK/acc" --results "$OUT" --name accuracy_fmnist_gpu --parallel "${ACC_JOBS:-16}"
-    --seeds ${ACC_SEEDS:-0}
+    --seeds ${ACC_SEEDS:-0} ${ACC_MERGE:+--merge "$ACC_MERGE"}
     ${FMNIST:+--data "$FMNIST"})
   # ACC_SECONDS, or what is left of DEADLINE (seconds since this script started) minus time for the report
   limit=${ACC_SECONDS:-$((${DEADLINE:-560} - SECONDS - 15))}
