@@ -142,7 +142,49 @@ def write(rows: list[dict], args: argparse.Namespace, prof: dict) -> None:
     stem = f"tune_gendd_{args.profile}{SPECS[args.spec]}"
     (out / f"{stem}.md").write_text(md)
     (out / f"{stem}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    plot_lr_sweep(rows, out / f"{stem}_lr.png", prof)
     print(md, flush=True)
+
+
+def _option(options: list[str], name: str, default: float) -> float:
+    return float(options[options.index(name) + 1]) if name in options else default
+
+
+def plot_lr_sweep(rows: list[dict], path: Path, prof: dict) -> None:
+    """Probe top-1 against the learning rate, one line per method, from the settings that change only --lr."""
+    sweep: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        method, extra = CONFIGS[r["config"]]
+        rest = [o for o in extra if o not in V] if method.startswith("gendd") else list(extra)
+        lr = _option(rest, "--lr", 0.002)  # the distill default
+        if [o for o in rest if o not in ("--lr", f"{lr:g}", str(lr))]:
+            continue  # another option changed as well: not a point of the sweep
+        sweep.setdefault(method, []).append((lr, r["probe_top1"]))
+    sweep = {m: sorted(points) for m, points in sweep.items() if len(points) > 1}
+    if not sweep:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the table is the result; the plot is a convenience
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, points in sweep.items():
+        ax.plot(*zip(*points, strict=True), marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    lrs = sorted({lr for points in sweep.values() for lr, _ in points})
+    ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+    ax.minorticks_off()
+    ax.set_xlabel(f"learning rate (AdamW, cosine, batch {prof['batch']})")
+    ax.set_ylabel("probe top-1 on the holdout (%)")
+    ax.set_title(f"Fashion-MNIST holdout, {prof['epochs']} epochs, one seed")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
