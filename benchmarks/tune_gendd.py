@@ -62,6 +62,8 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "ce_lr16": ("ce", ["--lr", "0.016"]),
     "kl_lr8": ("kl", ["--lr", "0.008"]),
     "kl_lr16": ("kl", ["--lr", "0.016"]),
+    "ce_lr32": ("ce", ["--lr", "0.032"]),
+    "kl_lr32": ("kl", ["--lr", "0.032"]),
     "v_unsup_lr8": ("gendd_unsup", [*V, "--lr", "0.008"]),
     "v_unsup_lr16": ("gendd_unsup", [*V, "--lr", "0.016"]),
     # a three times longer schedule at each method's best 10-epoch lr: does the GenDD - KD gap close with budget?
