@@ -57,6 +57,7 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "v_lr8_t128": ("gendd", [*V, "--lr", "0.008", "--token-dim", "128"]),
     "v_lr8_hlr1": ("gendd", [*V, "--lr", "0.008", "--head-lr-mult", "1"]),
     "v_lr8_mul8": ("gendd", [*V, "--lr", "0.008", "--diffusion-batch-mul", "8"]),
+    "v_lr8_c0.5": ("gendd", [*V, "--lr", "0.008", "--contraction", "0.5"]),
     "kd_lr32": ("kd", ["--lr", "0.032"]),
     "ce_lr8": ("ce", ["--lr", "0.008"]),
     "ce_lr16": ("ce", ["--lr", "0.016"]),
