@@ -227,7 +227,7 @@ def shot_groups(row: dict, counts: list[int]) -> dict:
     return {k: sum(v) / len(v) for k, v in groups.items() if v}
 
 
-def table(rows: list[dict], root: Path) -> str:
+def table(rows: list[dict]) -> str:
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     lines = [
         "| part | student | method | seed | probe top-1 | generative top-1 | probe - KD | teacher | "
@@ -251,9 +251,7 @@ def table(rows: list[dict], root: Path) -> str:
         delta = None if kd is None or main is None else main - kd
         shots = ""
         if r["part"].startswith("longtail"):
-            # rows merged from an earlier run bring their groups (this host may not hold the long-tailed shards)
-            g = r.get("shots") or shot_groups(r, _class_counts(root / "fashion_mnist_lt" / "shards"))
-            r["shots"] = g  # kept in the JSON, which drops the per-class lists
+            g = r.get("shots", {})
             shots = " / ".join(fmt(g.get(k)) for k in ("many", "medium", "few"))
         probe = "-" if untrained else fmt(r["probe_top1"])
         lines.append(
@@ -348,6 +346,13 @@ def write_results(
     except ImportError:
         pass
     rows = [{"machine": machine, **r} for r in rows]  # rows merged from an earlier run name their own machine
+    if any(r["part"].startswith("longtail") and "shots" not in r for r in rows):
+        # many/medium/few groups, kept in the JSON (which drops the per-class lists); merged rows bring their own,
+        # so this host need not hold the long-tailed shards
+        counts = _class_counts(root / "fashion_mnist_lt" / "shards")
+        for r in rows:
+            if r["part"].startswith("longtail") and "shots" not in r:
+                r["shots"] = shot_groups(r, counts)
     machine = ", ".join(dict.fromkeys(r["machine"] for r in rows)) or machine
     seeds = sorted({r["seed"] for r in rows}) or args.seeds  # merged rows may add seeds
     md = (
@@ -359,7 +364,7 @@ def write_results(
             else ""
         )
         + "\n"
-        + table(rows, root)
+        + table(rows)
     )
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "ce": ("ce", []),
     "kd": ("kd", []),
     "base": ("gendd", [*BASE, *EPS]),
-    "v": ("gendd", [*V]),
+    "v": ("gendd", V),
     "x0": ("gendd", [*BASE, "--head-prediction", "sample"]),
     "x0_mul8": ("gendd", [*BASE, "--head-prediction", "sample", "--diffusion-batch-mul", "8"]),
     "x0_c1": ("gendd", [*BASE, "--head-prediction", "sample", "--contraction", "1.0"]),
@@ -44,9 +44,6 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "v_hlr5": ("gendd", [*V, "--head-lr-mult", "5"]),
     "v_nomix": ("gendd", [*V, "--mixup-beta", "0"]),
     "v_w512": ("gendd", [*V, "--head-width", "512"]),
-    "v_t32": ("gendd", [*V, "--token-dim", "32"]),
-    "v_t128": ("gendd", [*V, "--token-dim", "128"]),
-    "v_lr1": ("gendd", [*V, "--lr", "0.001"]),
     "v_lr4": ("gendd", [*V, "--lr", "0.004"]),
     "v_lr8": ("gendd", [*V, "--lr", "0.008"]),
     "kd_lr4": ("kd", ["--lr", "0.004"]),
@@ -55,7 +52,6 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "kd_lr16": ("kd", ["--lr", "0.016"]),
     "v_lr8_t32": ("gendd", [*V, "--lr", "0.008", "--token-dim", "32"]),
     "v_lr8_t128": ("gendd", [*V, "--lr", "0.008", "--token-dim", "128"]),
-    "v_lr8_hlr1": ("gendd", [*V, "--lr", "0.008", "--head-lr-mult", "1"]),
     "v_lr8_mul8": ("gendd", [*V, "--lr", "0.008", "--diffusion-batch-mul", "8"]),
     "v_lr8_c0.5": ("gendd", [*V, "--lr", "0.008", "--contraction", "0.5"]),
     "kd_lr32": ("kd", ["--lr", "0.032"]),
@@ -71,7 +67,7 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "kd_lr16_e30": ("kd", ["--lr", "0.016", "--epochs", "30"]),
     "v_lr8_e30": ("gendd", [*V, "--lr", "0.008", "--epochs", "30"]),
     "unsup": ("gendd_unsup", [*BASE, *EPS]),
-    "v_unsup": ("gendd_unsup", [*V]),
+    "v_unsup": ("gendd_unsup", V),
     "kl": ("kl", []),
     # long-tailed holdout (--spec fashion_mnist_lt_holdout): logit-adjusted label CE (tau 1) for baselines and probe
     "ce_la1": ("ce", ["--logit-adjust", "1"]),
@@ -149,19 +145,16 @@ def write(rows: list[dict], args: argparse.Namespace, prof: dict) -> None:
     print(md, flush=True)
 
 
-def _option(options: list[str], name: str, default: float) -> float:
-    return float(options[options.index(name) + 1]) if name in options else default
-
-
 def plot_lr_sweep(rows: list[dict], path: Path, prof: dict) -> None:
     """Probe top-1 against the learning rate, one line per method, from the settings that change only --lr."""
     sweep: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         method, extra = CONFIGS[r["config"]]
-        rest = [o for o in extra if o not in V] if method.startswith("gendd") else list(extra)
-        lr = _option(rest, "--lr", 0.002)  # the distill default
-        if [o for o in rest if o not in ("--lr", f"{lr:g}", str(lr))]:
+        prefix = V if method.startswith("gendd") else []  # each method's reference setting
+        rest = extra[len(prefix) :]
+        if extra[: len(prefix)] != prefix or rest[:1] not in ([], ["--lr"]) or len(rest) not in (0, 2):
             continue  # another option changed as well: not a point of the sweep
+        lr = float(rest[1]) if rest else 0.002  # the distill default
         sweep.setdefault(method, []).append((lr, r["probe_top1"]))
     sweep = {m: sorted(points) for m, points in sweep.items() if len(points) > 1}
     if not sweep:
