@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from accelerate import PartialState
 from safetensors.torch import load_file, save_file
 
+from pipeline.data import DataOptions, open_train_input, train_device
 from pipeline.errors import GenddError
 from pipeline.evaluate import val_probe_evaluator
 from pipeline.head import GenerativeHead, HeadConfig
+from pipeline.locations import check_local_out, check_readable
 from pipeline.models import ModelCard, feature_dim, load_model, save_model
 from pipeline.shards import load_index
 from pipeline.store import open_cache
-from pipeline.train import Student, TrainConfig, load_train_data, train
+from pipeline.train import Student, TrainConfig, train
 from pipeline.views import POLICIES
 
 STANDALONE_LOADER = '''"""Rebuild the distilled student with timm alone (no gendd needed): python load_student.py"""
@@ -43,11 +45,12 @@ print(card["name"], "ready: input", card["in_chans"], "x", card["input_size"], "
 class DistillConfig:
     """Inputs, output directory and training settings of one student x method."""
 
-    shards: Path
-    cache: Path | None
-    out: Path
+    shards: str | Path  # a local directory or a URL
+    cache: str | Path | None
+    out: str | Path  # local only (a URL is refused before any work)
     train: TrainConfig
     resume: bool = True
+    data: DataOptions = field(default_factory=DataOptions)
 
 
 def _input_size(cfg: DistillConfig) -> int:
@@ -92,13 +95,17 @@ def _probe_kind(method: str) -> str:
 
 def distill(cfg: DistillConfig) -> dict:
     """Train the student, then write student.safetensors/.json, head.safetensors, load_student.py, train.json."""
+    for location in (cfg.shards, cfg.cache):
+        if location is not None:
+            check_readable(location)
+    cfg = replace(cfg, out=check_local_out(cfg.out))
     _check_cache_views(cfg)
     size = _input_size(cfg)
-    data = load_train_data(cfg.shards, cfg.cache)
+    data = open_train_input(cfg.shards, cfg.cache, cfg.data, train_device(cfg.train.cpu))
+    info = data.info
+    evaluator = val_probe_evaluator(cfg.shards, size, info.mean, info.std, cfg.data)
     started = time.perf_counter()
-    student, history = train(
-        cfg.train, data, cfg.out, size, val_probe_evaluator(cfg.shards, size, data.mean, data.std), cfg.resume
-    )
+    student, history = train(cfg.train, data, cfg.out, size, evaluator, cfg.resume)
     seconds = time.perf_counter() - started
     summary = {
         "method": cfg.train.method,
@@ -110,7 +117,7 @@ def distill(cfg: DistillConfig) -> dict:
     }
     if not PartialState().is_main_process:  # under `accelerate launch`, one process writes the outputs
         return summary
-    in_chans = data.images.shape[1]
+    in_chans = info.channels
     head_cfg = asdict(student.head.config) if student.head is not None else None
     card = ModelCard(
         cfg.train.model,
@@ -118,8 +125,8 @@ def distill(cfg: DistillConfig) -> dict:
         in_chans,
         cfg.train.small_stem,
         size,
-        data.mean,
-        data.std,
+        info.mean,
+        info.std,
         feature_dim(student.net, in_chans, size),
         extra={"method": cfg.train.method, "head": head_cfg, "probe": _probe_kind(cfg.train.method)},
     )

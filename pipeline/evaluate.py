@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
+from pipeline.data import DataOptions
+from pipeline.errors import GenddError
 from pipeline.models import features
 from pipeline.views import IDENTITY, apply_views
 
@@ -42,6 +46,37 @@ def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: 
 
 
 @torch.no_grad()
+def predict_batch(
+    student: nn.Module,
+    images: torch.Tensor,
+    input_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    *,
+    sampling: SamplingConfig | None = None,
+    teacher_head: tuple[torch.Tensor, torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Probe logits of uint8 images (B, C, H, W) on the student's device through the identity view and, when
+    `sampling` is set, generative-path logits (teacher head applied to the averaged generated teacher features)."""
+    views = torch.tensor([IDENTITY], device=images.device).expand(len(images), 5)
+    feats = features(student.net, apply_views(images, views, input_size, mean, std))  # (B, D_S)
+    out = {"probe": student.net.get_classifier()(feats).float()}
+    if sampling is not None and student.head is not None and teacher_head is not None:
+        z = student.head.condition(feats)
+        f_t = student.head.sample(
+            z,
+            n_samples=sampling.n_samples,
+            cfg_scale=sampling.cfg_scale,
+            sampler=sampling.sampler,
+            steps=sampling.steps,
+            generator=generator,
+        )
+        weight, bias = (t.to(images.device) for t in teacher_head)
+        out["generative"] = (f_t @ weight.T + bias).float()
+    return out
+
+
 def predict(
     student: nn.Module,
     images: torch.Tensor,
@@ -54,49 +89,131 @@ def predict(
     sampling: SamplingConfig | None = None,
     teacher_head: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Probe logits of the plain images and, when `sampling` is set, generative-path logits (teacher head applied to
-    the averaged generated teacher features)."""
+    """Logits of every path for images held in memory (see `predict_batch`), on the host."""
     student = student.to(device).eval()
     generator = torch.Generator(device).manual_seed(sampling.seed) if sampling else None
-    probe, generated = [], []
+    parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size].to(device)
-        views = torch.tensor([IDENTITY], device=device).expand(len(chunk), 5)
-        feats = features(student.net, apply_views(chunk, views, input_size, mean, std))  # (B, D_S)
-        probe.append(student.net.get_classifier()(feats).float().cpu())
-        if sampling is not None and student.head is not None and teacher_head is not None:
-            z = student.head.condition(feats)
-            f_t = student.head.sample(
-                z,
-                n_samples=sampling.n_samples,
-                cfg_scale=sampling.cfg_scale,
-                sampler=sampling.sampler,
-                steps=sampling.steps,
-                generator=generator,
-            )
-            weight, bias = (t.to(device) for t in teacher_head)
-            generated.append((f_t @ weight.T + bias).float().cpu())
-    out = {"probe": torch.cat(probe)}
-    if generated:
-        out["generative"] = torch.cat(generated)
-    return out
+        out = predict_batch(
+            student, chunk, input_size, mean, std, sampling=sampling, teacher_head=teacher_head, generator=generator
+        )
+        for name, logits in out.items():
+            parts.setdefault(name, []).append(logits.cpu())
+    return {name: torch.cat(values) for name, values in parts.items()}
 
 
-def val_probe_evaluator(shards: Path, size: int, mean: tuple, std: tuple) -> Callable[[nn.Module], dict] | None:
-    """A per-epoch check: probe top-1 of a Student on the val split (None when there is no labelled val split)."""
+class Tally:
+    """Running top-1/top-5 and per-class hits of one prediction path: evaluation memory does not grow with N."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes, self.n, self.top1, self.top5 = num_classes, 0, 0, 0
+        self.class_hits = torch.zeros(num_classes, dtype=torch.int64)
+        self.class_total = torch.zeros(num_classes, dtype=torch.int64)
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Count one batch."""
+        logits, labels = logits.float().cpu(), labels.cpu().long()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit1 = top[:, 0] == labels
+        self.n += len(labels)
+        self.top1 += int(hit1.sum())
+        self.top5 += int((top == labels[:, None]).any(dim=1).sum())
+        self.class_total += torch.bincount(labels, minlength=self.num_classes)[: self.num_classes]
+        self.class_hits += torch.bincount(labels[hit1], minlength=self.num_classes)[: self.num_classes]
+
+    def summary(self, path: str) -> dict:
+        """`<path>_top1`, `<path>_top5` (percent) and `<path>_per_class` (NaN for classes never seen)."""
+        per_class = [
+            float(h * 100 / t) if t else float("nan") for h, t in zip(self.class_hits, self.class_total, strict=True)
+        ]
+        n = max(self.n, 1)
+        return {
+            f"{path}_top1": self.top1 * 100 / n,
+            f"{path}_top5": self.top5 * 100 / n,
+            f"{path}_per_class": per_class,
+        }
+
+
+def eval_batches(
+    shards: str | Path,
+    cache: str | Path | None,
+    split: str,
+    batch_size: int,
+    options: DataOptions,
+    device: torch.device,
+) -> tuple[int, Iterator[dict[str, torch.Tensor]]]:
+    """(samples, batches) of a split for evaluation: images, labels and (with a cache) the teacher's view-0 logits,
+    held in memory or streamed (`options.mode`; auto: estimated and printed)."""
+    from pipeline.data import choose_mode, footprint
+    from pipeline.shards import load_index, load_split
+    from pipeline.store import open_cache
+    from pipeline.stream import stream_eval_batches
+
+    index = load_index(shards)
+    store = open_cache(cache, split, spec_hash=index.spec_hash) if cache is not None else None
+    sizes = footprint(index, split, 1, 0, store.num_classes if store else 0)
+    mode, line = choose_mode(options.mode, sizes, device, split)
+    print(line, flush=True)
+    if mode == "stream":
+        _, batches = stream_eval_batches(shards, cache, split, batch_size, options.workers, device.type == "cuda")
+        return index.split(split).n, batches
+    data = load_split(index.split(split))
+    logits = None
+    if store is not None:
+        if store.keys != data.keys:
+            raise GenddError(f"cache {cache} was extracted from other samples than {shards}; re-run gendd extract")
+        logits = torch.cat(
+            [torch.from_numpy(store.read_chunk(i, dtype=np.float16)["logits"][:, 0]) for i in range(store.n_chunks)]
+        )
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        for start in range(0, len(data.labels), batch_size):
+            rows = slice(start, start + batch_size)
+            batch = {"images": data.images[rows], "labels": data.labels[rows]}
+            yield batch | ({"teacher_logits": logits[rows]} if logits is not None else {})
+
+    return len(data.labels), batches()
+
+
+def val_probe_evaluator(
+    shards: str | Path, size: int, mean: tuple, std: tuple, options: DataOptions | None = None
+) -> Callable[[nn.Module], dict] | None:
+    """A per-epoch check: probe top-1 of a Student on the val split (None when there is no labelled val split); the
+    split is held in memory or streamed at every call, as `options.mode` says."""
     from pipeline.shards import load_index, load_split
 
     index = load_index(shards)
     if "val" not in index.splits or not index.labeled:
         return None
-    val = load_split(index.split("val"))
+    from pipeline.data import choose_mode, footprint
+
+    options = options or DataOptions("memory")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mode, line = choose_mode(options.mode, footprint(index, "val", 0, 0, 0), device, "val")
+    if options.mode == "auto":
+        print(line, flush=True)
+    held = load_split(index.split("val")) if mode == "memory" else None
+    num_classes = int(index.spec["num_classes"])
 
     def evaluate_fn(student: nn.Module) -> dict:
+        from pipeline.stream import stream_eval_batches
+
         was_training = student.training
-        logits = predict(student, val.images, size, mean, std, device=device)["probe"]
+        student = student.to(device).eval()
+        tally = Tally(num_classes)
+        if held is not None:
+            batches = (
+                {"images": held.images[i : i + 256], "labels": held.labels[i : i + 256]}
+                for i in range(0, len(held.labels), 256)
+            )
+        else:
+            batches = stream_eval_batches(shards, None, "val", 256, options.workers)[1]
+        with torch.no_grad():
+            for batch in batches:
+                tally.add(predict_batch(student, batch["images"].to(device), size, mean, std)["probe"], batch["labels"])
         student.train(was_training)
-        return {"val_probe_top1": topk_accuracy(logits, val.labels, 1)}
+        return {"val_probe_top1": tally.summary("probe")["probe_top1"]}
 
     return evaluate_fn
 
@@ -144,52 +261,69 @@ def _plot_per_class(metrics: dict, class_names: list[str], path: Path) -> None:
 
 
 def run_evaluation(
-    shards: Path,
-    cache: Path | None,
+    shards: str | Path,
+    cache: str | Path | None,
     student_dir: Path,
-    out: Path,
+    out: str | Path,
     sampling: SamplingConfig | None,
     *,
     split: str = "val",
     batch_size: int = 256,
     device: str | None = None,
+    data: DataOptions | None = None,
 ) -> dict:
     """Evaluate an exported student on a split: both paths, the teacher's own accuracy, per-class; write JSON + plot."""
     from pipeline.distill import load_student
-    from pipeline.errors import GenddError
-    from pipeline.shards import load_index, load_split
+    from pipeline.locations import check_local_out, check_readable
+    from pipeline.shards import load_index
     from pipeline.store import open_cache
 
+    for location in (shards, cache):
+        if location is not None:
+            check_readable(location)
+    out = check_local_out(out)
     index = load_index(shards)
     if not index.labeled:
         raise GenddError(f"{shards} has no labels: accuracy needs a labelled {split} split")
-    data = load_split(index.split(split))
     student, card = load_student(student_dir)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     teacher_head, metrics = None, {"method": card["extra"]["method"], "student": card["name"]}
     if cache is not None:
         store = open_cache(cache, split, spec_hash=index.spec_hash)
         teacher_head = (torch.from_numpy(store.head_weight).float(), torch.from_numpy(store.head_bias).float())
-        teacher_logits = torch.from_numpy(store.load_all()["logits"][:, 0])
-        metrics["teacher_top1"] = topk_accuracy(teacher_logits, data.labels, 1)
-        metrics["teacher_top5"] = topk_accuracy(teacher_logits, data.labels, 5)
     use_sampling = sampling if student.head is not None and teacher_head is not None else None
+    n, batches = eval_batches(shards, cache, split, batch_size, data or DataOptions(), dev)
+    tallies = {name: Tally(card["num_classes"]) for name in ("probe", "generative", "teacher")}
+    student = student.to(dev).eval()
+    generator = torch.Generator(dev).manual_seed(use_sampling.seed) if use_sampling else None
     started = time.perf_counter()
-    logits = predict(
-        student,
-        data.images,
-        card["input_size"],
-        tuple(card["mean"]),
-        tuple(card["std"]),
-        device=dev,
-        batch_size=batch_size,
-        sampling=use_sampling,
-        teacher_head=teacher_head,
-    )
+    with tqdm(total=n, desc=f"evaluate {split}", unit="img", leave=False) as bar, torch.no_grad():
+        for batch in batches:
+            images = batch["images"].to(dev, non_blocking=True)
+            logits = predict_batch(
+                student,
+                images,
+                card["input_size"],
+                tuple(card["mean"]),
+                tuple(card["std"]),
+                sampling=use_sampling,
+                teacher_head=teacher_head,
+                generator=generator,
+            )
+            if "teacher_logits" in batch:
+                logits["teacher"] = batch["teacher_logits"]
+            for name, values in logits.items():
+                tallies[name].add(values, batch["labels"])
+            bar.update(len(images))
     metrics["eval_seconds"] = time.perf_counter() - started
     if metrics["method"] == "gendd_unsup" and "probe" not in (card.get("extra") or {}):
         metrics["probe_untrained"] = True  # a student from before the label-free probe: its classifier never trained
-    metrics.update(summarise(logits, data.labels, card["num_classes"]))
+    for name, tally in tallies.items():
+        if tally.n:
+            summary = tally.summary(name)
+            if name == "teacher":  # the teacher's own accuracy: scalars only (the per-class plot is the student's)
+                summary.pop("teacher_per_class")
+            metrics.update(summary)
     if "generative_top1" in metrics:
         metrics["probe_minus_generative"] = metrics["probe_top1"] - metrics["generative_top1"]
     train_json = student_dir / "train.json"

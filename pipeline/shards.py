@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline import locations
 from pipeline.errors import GenddError
 from pipeline.sources import Sample, iter_source
 from pipeline.specs import DataSpec
@@ -30,7 +31,7 @@ INDEX = "index.json"
 class ShardSet:
     """The shards of one split: file names, sample counts and first global index of each."""
 
-    root: Path
+    root: Path | str  # a local directory, or the URL string of a remote one
     split: str
     names: tuple[str, ...]
     counts: tuple[int, ...]
@@ -42,14 +43,14 @@ class ShardSet:
         """Number of samples in the split."""
         return sum(self.counts)
 
-    def path(self, i: int) -> Path:
-        """Location of shard i."""
-        return self.root / self.names[i]
+    def path(self, i: int) -> Path | str:
+        """Location of shard i: a Path locally, the URL string for a remote root."""
+        return locations.join(self.root, self.names[i])
 
     def keys_and_labels(self) -> tuple[list[str], list[int]]:
         """Every key and label of the split in global order: from the side file prepare wrote, else a shard scan."""
-        if self.keys_file and (self.root / self.keys_file).is_file():
-            record = json.loads((self.root / self.keys_file).read_text())
+        if self.keys_file and locations.is_file(keys_path := locations.join(self.root, self.keys_file)):
+            record = json.loads(locations.read_text(keys_path))
             return record["keys"], record["labels"]
         keys, labels = [], []
         for i in range(len(self.names)):
@@ -63,7 +64,7 @@ class ShardSet:
 class ShardIndex:
     """What `index.json` records: the spec (and its hash) and every split's shards."""
 
-    root: Path
+    root: Path | str  # a local directory, or the URL string of a remote one
     spec: dict
     spec_hash: str
     shard_size: int
@@ -140,12 +141,17 @@ def _write_split(spec: DataSpec, split: str, root: Path, shard_size: int, max_sa
 
 
 def load_index(root: str | Path) -> ShardIndex:
-    """Read `index.json` of a shard directory."""
-    root = Path(root)
-    path = root / INDEX
-    if not path.is_file():
+    """Read `index.json` of a shard directory or URL."""
+    root = locations.normalize(root)
+    path = locations.join(root, INDEX)
+    if not locations.is_file(path):
+        if locations.is_url(root):
+            raise GenddError(f"{path} not found: check the URL, or run gendd prepare and upload its output there")
         raise GenddError(f"{path} not found; run `gendd prepare --spec <spec> --out {root}` first")
-    raw = json.loads(path.read_text())
+    try:
+        raw = json.loads(locations.read_text(path))
+    except ValueError as err:
+        raise GenddError(f"{path} is not valid JSON ({locations.one_line(err)}): re-run gendd prepare") from err
     splits = {
         name: ShardSet(root, name, tuple(s["shards"]), tuple(s["counts"]), tuple(s["starts"]), s.get("keys_file"))
         for name, s in raw["splits"].items()
@@ -159,7 +165,7 @@ def prepare_shards(
     """Write every split of `spec` as shards; returns (index, wrote) and writes nothing when already up to date."""
     if shard_size < 1:
         raise GenddError(f"shard size must be >= 1, got {shard_size}")
-    root = Path(out)
+    root = locations.check_local_out(out)
     signature = {"spec_hash": spec.spec_hash, "shard_size": shard_size, "max_samples": max_samples}
     if (root / INDEX).is_file():
         index = load_index(root)
@@ -194,6 +200,20 @@ class ShardData:
     png: list[bytes] | None = None  # the encoded images, kept when a writer re-packs them (WebDataset caches)
 
 
+def _redo(location: str | Path) -> str:
+    """What to do about a damaged shard: remake it (and upload it again when it is remote)."""
+    if locations.is_url(location):
+        return "re-run gendd prepare and upload the shards again"
+    return "delete it and re-run gendd prepare"
+
+
+def _open_tar(location: str | Path) -> tarfile.TarFile:
+    """A shard as a tarfile: local files are streamed, remote ones fetched whole once (memory: one shard)."""
+    if locations.is_url(location):
+        return tarfile.open(fileobj=io.BytesIO(locations.read_bytes(location)), mode="r:")
+    return tarfile.open(locations.normalize(location), "r")
+
+
 def read_shard(path: str | Path, keep_png: bool = False) -> ShardData:
     """Decode one whole shard in order, as tensors."""
     import torch
@@ -203,21 +223,21 @@ def read_shard(path: str | Path, keep_png: bool = False) -> ShardData:
 
 
 def decode_shard(path: str | Path, keep_png: bool = False) -> tuple[list[str], np.ndarray, np.ndarray, list | None]:
-    """Decode one whole shard in order, torch-free: keys, (N, C, H, W) uint8 images, (N,) int64 labels, and the
-    encoded images when asked. tarfile reads it in one pass (no streaming pipeline needed here)."""
+    """Decode one whole shard (a path or URL) in order, torch-free: keys, (N, C, H, W) uint8 images, (N,) int64
+    labels, and the encoded images when asked. tarfile reads it in one pass (no streaming pipeline needed here)."""
     keys, images, labels, raw, current = [], [], [], [], {}
 
     def flush() -> None:
         if current:
             if "png" not in current:
-                raise GenddError(f"{path}: sample {current['key']} has no png; the shard is corrupt, re-run prepare")
+                raise GenddError(f"{path}: sample {current['key']} has no png; the shard is corrupt: {_redo(path)}")
             keys.append(current["key"])
             images.append(current["png"])
             labels.append(current.get("cls", -1))
             current.clear()
 
     try:
-        with tarfile.open(path, "r") as tar:
+        with _open_tar(path) as tar:
             for member in tar:
                 key, _, ext = member.name.partition(".")
                 if current and key != current["key"]:
@@ -232,7 +252,7 @@ def decode_shard(path: str | Path, keep_png: bool = False) -> tuple[list[str], n
                     current["cls"] = int(data)
             flush()
     except (tarfile.TarError, OSError, ValueError) as err:
-        raise GenddError(f"{path}: unreadable shard ({err}); delete it and re-run gendd prepare") from err
+        raise GenddError(f"{path}: unreadable shard ({locations.one_line(err)}); {_redo(path)}") from err
     array = np.stack(images)
     array = array[:, None] if array.ndim == 3 else array.transpose(0, 3, 1, 2)  # -> (N, C, H, W)
     return keys, np.ascontiguousarray(array), np.asarray(labels, dtype=np.int64), raw if keep_png else None
@@ -242,7 +262,7 @@ def read_shard_labels(path: str | Path) -> tuple[list[str], list[int]]:
     """Keys and labels of a shard without decoding its images (cheap: stores are sized from this)."""
     keys, labels = [], []
     try:
-        with tarfile.open(path, "r") as tar:
+        with _open_tar(path) as tar:
             for member in tar:
                 key, _, ext = member.name.partition(".")
                 if not keys or keys[-1] != key:
@@ -251,7 +271,7 @@ def read_shard_labels(path: str | Path) -> tuple[list[str], list[int]]:
                 if ext == "cls":
                     labels[-1] = int(tar.extractfile(member).read())
     except (tarfile.TarError, OSError, ValueError) as err:
-        raise GenddError(f"{path}: unreadable shard ({err}); delete it and re-run gendd prepare") from err
+        raise GenddError(f"{path}: unreadable shard ({locations.one_line(err)}); {_redo(path)}") from err
     return keys, labels
 
 
@@ -264,7 +284,7 @@ def load_split(shards: ShardSet) -> ShardData:
         if len(part.keys) != shards.counts[i]:
             raise GenddError(
                 f"{shards.path(i)}: {len(part.keys)} samples, index says {shards.counts[i]}; "
-                "the shard is truncated, delete it and re-run gendd prepare"
+                f"the shard is truncated: {_redo(shards.path(i))}"
             )
     return ShardData(
         [k for p in parts for k in p.keys], torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts])

@@ -9,8 +9,10 @@ Two formats, one reader (`FeatureCache`):
 
 Codecs: "zstd" (default; float16 through Blosc-zstd, clevel 1, byte shuffle), "lz4" (Blosc-lz4) and "none" (raw
 float16) are lossless on float16; "bf16" (bfloat16 bits in uint16) and "int8" (features only, symmetric absmax scale
-per (sample, view); logits float16) are lossy and opt-in. Every Zarr chunk carries a crc32c checksum. Reads always
-return float32.
+per (sample, view); logits float16) are lossy and opt-in. Every Zarr chunk carries a crc32c checksum. Reads return
+float32, or float16 features and logits when asked (streaming keeps them half precision until the device).
+
+Reading also works from an fsspec URL (`http(s)://`, `s3://`, `gs://`; see pipeline/locations.py); writing is local.
 
 Concurrency: a store is built in a private temp directory and renamed into place (atomic on a POSIX filesystem), so
 concurrent `FeatureCacheWriter.open` calls with the same meta all end on one fully created store and nobody sees a
@@ -31,8 +33,10 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import locations
 from pipeline.errors import GenddError
-from pipeline.store_wds import WdsStore, one_line
+from pipeline.locations import one_line
+from pipeline.store_wds import WdsStore
 from pipeline.store_zarr import ZarrStore
 
 SCHEMA_VERSION = 1
@@ -129,18 +133,22 @@ def encode_chunk(codec: str, features: np.ndarray, logits: np.ndarray, views: np
     return stored | {"features": _to_float16("features", features), "logits": _to_float16("logits", logits)}
 
 
-def decode_chunk(codec: str, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Stored arrays -> float32 features, logits and views."""
+def decode_chunk(codec: str, stored: dict[str, np.ndarray], dtype: type = np.float32) -> dict[str, np.ndarray]:
+    """Stored arrays -> features and logits as `dtype` (float32 or float16), views as float32."""
+    if np.dtype(dtype) not in (np.float32, np.float16):
+        raise ValueError(f"cache values decode to float32 or float16, not {np.dtype(dtype)}")
     features, logits = stored["features"], stored["logits"]
     if codec == "bf16":
         features, logits = _from_bf16_bits(features), _from_bf16_bits(logits)
     elif codec == "int8":
         features = features.astype(np.float32) * stored["features_scale"][..., None]
-    return {
-        "features": np.asarray(features, np.float32),
-        "logits": np.asarray(logits, np.float32),
-        "views": np.asarray(stored["views"], np.float32),
-    }
+    # Stored float16 (zstd, lz4, none) is returned as is for float16: no copy, no float32 round trip.
+    out = {"features": np.asarray(features, dtype), "logits": np.asarray(logits, dtype)}
+    if codec in ("bf16", "int8") and np.dtype(dtype) == np.float16:
+        for name in ("features", "logits"):
+            if not np.isfinite(out[name]).all():  # bf16 and int8 hold values past float16's range (|x| > 65504)
+                raise GenddError(f"cached {name} exceed the float16 range: read this {codec} cache as float32")
+    return out | {"views": np.asarray(stored["views"], np.float32)}
 
 
 _STORES: dict[str, type[ZarrStore] | type[WdsStore]] = {"zarr": ZarrStore, "webdataset": WdsStore}
@@ -249,7 +257,7 @@ class FeatureCacheWriter:
         _check_inputs(meta, split, chunk_size, keys, labels)
         head = _head_arrays(meta, head_weight, head_bias)
         store_cls = _STORES[fmt]
-        path = store_cls.location(Path(cache_dir), split)
+        path = store_cls.location(locations.check_local_out(cache_dir), split)
         attrs = meta.to_attrs()
         _create_once(store_cls, path, attrs, chunk_size, keys, labels, head)
         store = store_cls.open(path, writable=True)
@@ -314,12 +322,18 @@ class FeatureCache:
         self.keys = store.keys()
         self.done = np.ones(self.n_chunks, dtype=bool) if self.complete else store.done()
 
-    def read_chunk(self, i: int) -> dict[str, np.ndarray]:
-        """Chunk i: features (n_i, K, D), logits (n_i, K, C), views (n_i, K, 5) float32, labels (n_i,) int64."""
+    def chunk_bounds(self, i: int) -> tuple[int, int]:
+        """Global sample range [start, stop) of chunk i (= image shard i)."""
+        return _chunk_bounds(i, self.chunk_size, self.n)
+
+    def read_chunk(self, i: int, dtype: type = np.float32) -> dict[str, np.ndarray]:
+        """Chunk i: features (n_i, K, D), logits (n_i, K, C) as `dtype` (float32 or float16), views (n_i, K, 5)
+        float32, labels (n_i,) int64."""
         start, stop = _chunk_bounds(i, self.chunk_size, self.n)
         if not self.done[i]:
             raise GenddError(f"{self.path}: chunk {i} is not written yet: {_FIX} to finish the cache")
-        return decode_chunk(self.meta.codec, self._store.read(i, start, stop)) | {"labels": self.labels[start:stop]}
+        stored = self._store.read(i, start, stop)
+        return decode_chunk(self.meta.codec, stored, dtype) | {"labels": self.labels[start:stop]}
 
     def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """Samples at `indices` (any order, repeats allowed), reading each touched chunk once."""
@@ -366,8 +380,9 @@ class FeatureCache:
         }
 
 
-def _find_store(root: Path, split: str) -> ZarrStore | WdsStore:
-    """Open the split's store in whichever format exists (Zarr first), or say what to run."""
+def _find_store(root: Path | str, split: str) -> ZarrStore | WdsStore:
+    """Open the split's store (local or at a URL) in whichever format exists (Zarr first), or say what to run."""
+    root = locations.normalize(root)
     for store_cls in (ZarrStore, WdsStore):
         path = store_cls.location(root, split)
         if store_cls.exists(path):
@@ -378,8 +393,13 @@ def _find_store(root: Path, split: str) -> ZarrStore | WdsStore:
             if version != SCHEMA_VERSION:
                 raise GenddError(f"{path} has cache schema {version}, this gendd reads {SCHEMA_VERSION}: {_FIX}")
             return store
-        if path.exists():
+        # Locally only: servers answer a directory URL inconsistently (a listing, 403 or 404).
+        if not locations.is_url(path) and path.exists():
             raise GenddError(f"{path} is not a feature cache (half-created or foreign): delete it and {_FIX}")
+    if locations.is_url(root):
+        raise GenddError(
+            f"no feature cache for split {split!r} at {root}: check the URL, or run gendd extract and upload its output"
+        )
     if not root.is_dir():
         raise GenddError(f"no feature cache at {root}: run gendd extract to build it")
     cached = sorted(
@@ -399,7 +419,7 @@ def open_cache(
     allow_incomplete: bool = False,
 ) -> FeatureCache:
     """Open a split's cache; refuse a missing, incomplete (unless allowed) or mismatched one with what to run."""
-    cache = FeatureCache(_find_store(Path(cache_dir), split))
+    cache = FeatureCache(_find_store(cache_dir, split))
     if not cache.complete and not allow_incomplete:
         done = f"{int(cache.done.sum())} of {cache.n_chunks} chunks done"
         raise GenddError(f"{cache.path} is incomplete ({done}): {_FIX} to finish it")

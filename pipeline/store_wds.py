@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import locations
 from pipeline.errors import GenddError
+from pipeline.locations import one_line
 
 META = "meta.json"
 HEAD = "head.npz"
@@ -27,9 +29,11 @@ ATTR_KEYS = ("schema_version", "teacher", "dataset", "views", "codec", "complete
 _EXTENSIONS = ("features.npy", "features_scale.npy", "logits.npy", "views.npy", "png", "cls")
 
 
-def one_line(exc: BaseException) -> str:
-    """An exception's message squeezed onto one line, to quote inside a one-line GenddError."""
-    return " ".join(str(exc).split()) or type(exc).__name__
+def rebuild_hint(location: Path | str, target: str = "it") -> str:
+    """What to do about a damaged store (file): rebuild it, and upload it again when it is remote."""
+    if locations.is_url(location):
+        return "check the URL, or re-run gendd extract and upload the cache again"
+    return f"delete {target} and re-run gendd extract"
 
 
 def _replace_atomically(path: Path, data: bytes) -> None:
@@ -61,25 +65,25 @@ def _load_npy(data: bytes, headers: dict[bytes, tuple[np.dtype, tuple]]) -> np.n
 
 
 class WdsStore:
-    """A `<split>-features/` directory of feature shards; the reader and writer of that layout."""
+    """A `<split>-features/` directory of feature shards (local, or read-only at a URL); reader and writer."""
 
     fmt = "webdataset"
 
-    def __init__(self, path: Path, meta: dict):
+    def __init__(self, path: Path | str, meta: dict):
         self.path = path
         self._meta = meta
         self.chunk_size = int(meta["chunk_size"])
         self.n_chunks = int(meta["n_chunks"])
 
     @staticmethod
-    def location(cache_dir: Path, split: str) -> Path:
-        """Directory that holds one split's feature shards."""
-        return cache_dir / f"{split}-features"
+    def location(cache_dir: Path | str, split: str) -> Path | str:
+        """Directory (or URL) that holds one split's feature shards."""
+        return locations.join(cache_dir, f"{split}-features")
 
     @staticmethod
-    def exists(path: Path) -> bool:
+    def exists(path: Path | str) -> bool:
         """Whether a (created) store is at `path`: meta.json is its creation marker."""
-        return (path / META).is_file()
+        return locations.is_file(locations.join(path, META))
 
     @staticmethod
     def create(path: Path, attrs: dict, chunk_size: int, keys: list[str], labels: np.ndarray, head: dict) -> None:
@@ -93,14 +97,14 @@ class WdsStore:
         (path / META).write_text(json.dumps(meta))
 
     @classmethod
-    def open(cls, path: Path, writable: bool = False) -> WdsStore:
-        """Open an existing store (metadata only; shards are read per chunk; `writable` changes nothing here)."""
+    def open(cls, path: Path | str, writable: bool = False) -> WdsStore:
+        """Open an existing store (metadata only; shards are read per chunk); a URL opens read-only."""
+        path = locations.check_local_out(path) if writable else locations.normalize(path)
         try:
-            meta = json.loads((path / META).read_text())
+            meta = json.loads(locations.read_text(locations.join(path, META)))
         except (OSError, ValueError) as exc:
-            raise GenddError(
-                f"{path / META} cannot be read ({one_line(exc)}): delete {path} and re-run gendd extract"
-            ) from exc
+            where = locations.join(path, META)
+            raise GenddError(f"{where} cannot be read ({one_line(exc)}): {rebuild_hint(path, str(path))}") from exc
         return cls(path, meta)
 
     @property
@@ -118,17 +122,26 @@ class WdsStore:
 
     def head(self) -> tuple[np.ndarray, np.ndarray]:
         """Teacher classifier weight (C, D) and bias (C,), float32."""
-        with np.load(self.path / HEAD) as head:
-            return head["weight"].astype(np.float32), head["bias"].astype(np.float32)
+        try:
+            with np.load(io.BytesIO(locations.read_bytes(locations.join(self.path, HEAD)))) as head:
+                return head["weight"].astype(np.float32), head["bias"].astype(np.float32)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            where = locations.join(self.path, HEAD)
+            raise GenddError(
+                f"{where} cannot be read ({one_line(exc)}): {rebuild_hint(self.path, str(self.path))}"
+            ) from exc
 
-    def shard_path(self, i: int) -> Path:
-        """Tar file of chunk i."""
-        return self.path / f"{self._meta['dataset']['split']}-{i:06d}.tar"
+    def shard_path(self, i: int) -> Path | str:
+        """Tar file (or its URL) of chunk i."""
+        return locations.join(self.path, f"{self._meta['dataset']['split']}-{i:06d}.tar")
 
     def done(self) -> np.ndarray:
         """(n_chunks,) bool: chunk i is done when its tar exists (tars only appear whole, via rename)."""
-        # Not cached in meta.json: deleting a damaged tar and re-running extraction then rewrites just that chunk.
-        return np.array([self.shard_path(i).is_file() for i in range(self.n_chunks)], dtype=bool)
+        recorded = self._meta.get("done", ()) if self._meta.get("complete") else ()
+        if locations.is_url(self.path) and len(recorded) == self.n_chunks:
+            return np.asarray(recorded, dtype=bool)  # a remote store is read-only: spare one request per tar
+        # Not cached in meta.json locally: deleting a damaged tar and re-running extraction rewrites just that chunk.
+        return np.array([locations.is_file(self.shard_path(i)) for i in range(self.n_chunks)], dtype=bool)
 
     def write(self, i: int, start: int, stored: dict[str, np.ndarray], images: list[bytes] | None) -> None:
         """Write chunk i (samples start.. start+n_i) as one tar, atomically."""
@@ -163,22 +176,20 @@ class WdsStore:
         j = -1
         path = self.shard_path(i)
         try:
-            with tarfile.open(fileobj=io.BytesIO(path.read_bytes()), mode="r:") as tar:  # one read per shard
+            with tarfile.open(fileobj=io.BytesIO(locations.read_bytes(path)), mode="r:") as tar:  # one read per shard
                 for member in tar:
                     if j < 0 or not member.name.startswith(keys[j] + "."):
                         j += 1
                         if j >= len(keys) or not member.name.startswith(keys[j] + "."):
-                            raise GenddError(
-                                f"{path}: unexpected member {member.name!r}: delete it and re-run gendd extract"
-                            )
+                            raise GenddError(f"{path}: unexpected member {member.name!r}: {rebuild_hint(path)}")
                     ext = member.name[len(keys[j]) + 1 :]
                     if ext.endswith(".npy"):
                         data = tar.extractfile(member).read()
                         columns.setdefault(ext[:-4], []).append(_load_npy(data, headers))
         except (OSError, tarfile.TarError, ValueError) as exc:
-            raise GenddError(f"{path} cannot be read ({one_line(exc)}): delete it and re-run gendd extract") from exc
+            raise GenddError(f"{path} cannot be read ({one_line(exc)}): {rebuild_hint(path)}") from exc
         if j != len(keys) - 1 or any(len(c) != len(keys) for c in columns.values()):
-            raise GenddError(f"{path} holds {j + 1} samples, expected {len(keys)}: delete it and re-run gendd extract")
+            raise GenddError(f"{path} holds {j + 1} samples, expected {len(keys)}: {rebuild_hint(path)}")
         return {name: np.stack(arrays) for name, arrays in columns.items()}
 
     def set_complete(self) -> None:
@@ -188,7 +199,9 @@ class WdsStore:
         self._meta = meta
 
     def stored_bytes(self) -> dict[str, int]:
-        """Bytes stored per array (tar member payloads of finished shards) plus meta.json and head.npz."""
+        """Bytes stored per array (tar member payloads of finished shards) plus meta.json and head.npz; local only."""
+        if locations.is_url(self.path):
+            raise GenddError(f"{self.path}: storage sizes are measured on local caches only: download it first")
         sizes = {"meta": (self.path / META).stat().st_size, "head": (self.path / HEAD).stat().st_size}
         for i in np.flatnonzero(self.done()):
             with tarfile.open(self.shard_path(int(i)), "r:") as tar:

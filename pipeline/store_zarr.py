@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,10 +12,10 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from pipeline import locations
 from pipeline.errors import GenddError
-from pipeline.store_wds import one_line
-
-_FIX = "re-run gendd extract"
+from pipeline.locations import one_line
+from pipeline.store_wds import rebuild_hint
 
 
 def _stored_dtypes(codec: str) -> dict[str, type]:
@@ -44,12 +45,13 @@ def _quiet_zarr() -> Iterator[None]:
 
 
 class ZarrStore:
-    """A `<split>.zarr` group; the reader and writer of that layout."""
+    """A `<split>.zarr` group (local, or read-only at a URL); the reader and writer of that layout."""
 
     fmt = "zarr"
 
-    def __init__(self, path: Path, group: zarr.Group):
+    def __init__(self, path: Path | str, group: zarr.Group, writable: bool = False):
         self.path = path
+        self._writable, self._pid = writable, os.getpid()
         self._group = group
         self._arrays = {
             name: group[name] for name in ("features", "logits", "views", "features_scale") if name in group
@@ -59,14 +61,14 @@ class ZarrStore:
         self.n_chunks = int(self._done.shape[0])
 
     @staticmethod
-    def location(cache_dir: Path, split: str) -> Path:
-        """Directory of one split's Zarr group."""
-        return cache_dir / f"{split}.zarr"
+    def location(cache_dir: Path | str, split: str) -> Path | str:
+        """Directory (or URL) of one split's Zarr group."""
+        return locations.join(cache_dir, f"{split}.zarr")
 
     @staticmethod
-    def exists(path: Path) -> bool:
+    def exists(path: Path | str) -> bool:
         """Whether a (created) store is at `path`: the group's zarr.json is its creation marker."""
-        return (path / "zarr.json").is_file()
+        return locations.is_file(locations.join(path, "zarr.json"))
 
     @staticmethod
     def create(path: Path, attrs: dict, chunk_size: int, keys: list[str], labels: np.ndarray, head: dict) -> None:
@@ -93,36 +95,51 @@ class ZarrStore:
             )
 
     @classmethod
-    def open(cls, path: Path, writable: bool = False) -> ZarrStore:
-        """Open an existing store; a damaged one is a GenddError."""
+    def open(cls, path: Path | str, writable: bool = False) -> ZarrStore:
+        """Open an existing store (a URL read-only); a damaged or unreachable one is a GenddError."""
+        path = locations.check_local_out(path) if writable else locations.normalize(path)
+        mode, options = ("r+" if writable else "r"), locations.storage_options(str(path))
         try:
             # Every chunk gets a file, even all-zero ones, so that a missing file always means a damaged store.
             with _quiet_zarr(), zarr.config.set({"array.write_empty_chunks": True}):
-                return cls(path, zarr.open_group(str(path), mode="r+" if writable else "r", zarr_format=3))
-        except (OSError, ValueError, KeyError) as exc:
-            raise GenddError(f"{path} is not a readable feature cache ({one_line(exc)}): delete it and {_FIX}") from exc
+                group = zarr.open_group(str(path), mode=mode, zarr_format=3, storage_options=options or None)
+                return cls(path, group, writable)
+        except (*locations.network_errors(), ValueError, KeyError) as exc:
+            raise GenddError(f"{path} is not a readable feature cache ({one_line(exc)}): {rebuild_hint(path)}") from exc
+
+    def _own_process(self) -> None:
+        """Reopen a remote group in a forked process (a loader worker): its HTTP session belongs to the parent's
+        event loop, and zarr fails ("attached to a different loop") when a child uses it."""
+        if self._pid != os.getpid() and locations.is_url(self.path):
+            fresh = type(self).open(self.path, self._writable)
+            self._group, self._arrays, self._done, self._pid = fresh._group, fresh._arrays, fresh._done, fresh._pid
 
     @property
     def attrs(self) -> dict:
         """The group's attributes."""
+        self._own_process()
         return self._group.attrs.asdict()
 
     def keys(self) -> list[str]:
         """Sample keys in global order."""
+        self._own_process()
         with _quiet_zarr():
             return [str(key) for key in self._group["keys"][:].tolist()]
 
     def labels(self) -> np.ndarray:
         """Labels (N,) int32, -1 = none."""
+        self._own_process()
         return np.asarray(self._group["labels"][:], dtype=np.int32)
 
     def head(self) -> tuple[np.ndarray, np.ndarray]:
         """Teacher classifier weight (C, D) and bias (C,), float32."""
+        self._own_process()
         weight, bias = self._group["head/weight"][:], self._group["head/bias"][:]
         return np.asarray(weight, np.float32), np.asarray(bias, np.float32)
 
     def done(self) -> np.ndarray:
         """(n_chunks,) bool, read fresh from disk (other writers may have filled chunks)."""
+        self._own_process()
         return np.asarray(self._done[:], dtype=bool)
 
     def write(self, i: int, start: int, stored: dict[str, np.ndarray], images: list[bytes] | None) -> None:
@@ -133,14 +150,15 @@ class ZarrStore:
 
     def read(self, i: int, start: int, stop: int) -> dict[str, np.ndarray]:
         """Stored (not decoded) arrays of chunk i."""
+        self._own_process()
         try:
             for name, array in self._arrays.items():  # zarr would silently return zeros for a lost chunk file
-                if not self.path.joinpath(name, "c", str(i), *["0"] * (array.ndim - 1)).is_file():
+                if not locations.is_file(locations.join(self.path, name, "c", str(i), *["0"] * (array.ndim - 1))):
                     raise FileNotFoundError(f"{name} chunk file missing")
             return {name: array[start:stop] for name, array in self._arrays.items()}
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (*locations.network_errors(), ValueError, RuntimeError) as exc:
             raise GenddError(
-                f"{self.path}: chunk {i} cannot be read ({one_line(exc)}): delete the store and {_FIX}"
+                f"{self.path}: chunk {i} cannot be read ({one_line(exc)}): {rebuild_hint(self.path, 'the store')}"
             ) from exc
 
     def set_complete(self) -> None:
@@ -148,7 +166,9 @@ class ZarrStore:
         self._group.attrs["complete"] = True
 
     def stored_bytes(self) -> dict[str, int]:
-        """Chunk bytes stored per array (without each array's small zarr.json)."""
+        """Chunk bytes stored per array (without each array's small zarr.json); local stores only."""
+        if locations.is_url(self.path):
+            raise GenddError(f"{self.path}: storage sizes are measured on local caches only: download it first")
         sizes = {}
         for name in [*self._arrays, "labels", "keys", "head/weight", "head/bias", "done"]:
             sizes[name] = self._group[name].nbytes_stored() - (self.path / name / "zarr.json").stat().st_size

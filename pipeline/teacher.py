@@ -2,28 +2,31 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from pipeline.data import DataOptions, open_train_input, train_device
 from pipeline.errors import GenddError
 from pipeline.evaluate import val_probe_evaluator
+from pipeline.locations import check_local_out, check_readable
 from pipeline.models import ModelCard, create_model, feature_dim, save_model
 from pipeline.objectives import ObjectiveConfig
 from pipeline.shards import load_index
-from pipeline.train import Student, TrainConfig, load_train_data, train
+from pipeline.train import Student, TrainConfig, train
 
 
 @dataclass(frozen=True)
 class TeacherConfig:
     """Where the data is, which timm model, and whether to train it or load weights."""
 
-    shards: Path
-    out: Path
+    shards: str | Path  # a local directory or a URL
+    out: str | Path  # local only (a URL is refused before any work)
     train: TrainConfig
     checkpoint: Path | None = None
     pretrained: bool = False
+    data: DataOptions = field(default_factory=DataOptions)
 
 
 def _load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -44,11 +47,13 @@ def _load_weights(model: torch.nn.Module, path: Path) -> None:
 
 def make_teacher(cfg: TeacherConfig) -> dict:
     """Train (or load) the teacher and save `teacher.safetensors` + `teacher.json`; returns the card."""
+    check_readable(cfg.shards)
+    cfg = replace(cfg, out=check_local_out(cfg.out))
     index = load_index(cfg.shards)
     spec = index.spec
     size = cfg.train.input_size or int(spec["image_size"])
     mean, std = tuple(spec["mean"]), tuple(spec["std"])
-    evaluator = val_probe_evaluator(cfg.shards, size, mean, std)
+    evaluator = val_probe_evaluator(cfg.shards, size, mean, std, cfg.data)
     tcfg = replace(cfg.train, method="ce", objective=ObjectiveConfig("ce"), warmstart_epochs=0, input_size=size)
     if cfg.checkpoint is not None or cfg.pretrained:
         net = create_model(tcfg.model, spec["num_classes"], spec["channels"], tcfg.small_stem, cfg.pretrained)
@@ -58,7 +63,7 @@ def make_teacher(cfg: TeacherConfig) -> dict:
     else:
         if not index.labeled:
             raise GenddError("training a teacher needs labels; pass --checkpoint with a trained teacher instead")
-        data = load_train_data(cfg.shards, None)
+        data = open_train_input(cfg.shards, None, cfg.data, train_device(tcfg.cpu))
         student, history = train(tcfg, data, cfg.out / "work", size, evaluator)
     from accelerate import PartialState
 

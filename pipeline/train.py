@@ -1,4 +1,5 @@
-"""Training loop for students (and the teacher): in-memory batches, replayed views, accelerate, resumable epochs."""
+"""Training loop for students (and the teacher): batches from pipeline/data.py (memory or stream), replayed views,
+accelerate, resumable epochs."""
 
 from __future__ import annotations
 
@@ -6,14 +7,14 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from pipeline.data import EpochPlan, InputInfo, MemoryInput, TrainData, TrainInput
 from pipeline.errors import GenddError
 from pipeline.head import GenerativeHead, HeadConfig
 from pipeline.models import create_model, feature_dim, features
@@ -27,8 +28,7 @@ from pipeline.objectives import (
     kl_loss,
     warmstart_loss,
 )
-from pipeline.shards import ShardData, load_index, load_split
-from pipeline.views import ViewPolicy, apply_views, sample_views
+from pipeline.views import ViewPolicy, apply_views
 
 
 @dataclass(frozen=True)
@@ -64,70 +64,6 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """Stable text of the settings, stored in checkpoints."""
         return json.dumps(asdict(self), sort_keys=True, default=str)
-
-
-@dataclass
-class TrainData:
-    """What one epoch draws from: uint8 images, labels, and cached teacher outputs per (sample, view) if any."""
-
-    images: torch.Tensor  # (N, C, H, W) uint8
-    labels: torch.Tensor  # (N,) int64, -1 = none
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    views: torch.Tensor | None = None  # (N, K, 5) cached views; None -> fresh views from the policy each epoch
-    features: torch.Tensor | None = None  # (N, K, D_T)
-    logits: torch.Tensor | None = None  # (N, K, C)
-    head_weight: torch.Tensor | None = None  # (C, D_T): class centres of Distribution Contraction
-    head_bias: torch.Tensor | None = None
-    keys: list[str] = field(default_factory=list)
-    labeled: bool | None = None  # every sample labelled (set by targets_to; None: checked per batch)
-
-
-# Per-sample targets on the device may take this share of its free memory; more stays in pinned host memory.
-DEVICE_TARGET_SHARE = 0.25
-
-
-def targets_to(data: TrainData, device: torch.device) -> TrainData:
-    """The data with its per-sample targets (labels, views, teacher outputs) where the training steps gather them.
-
-    On a GPU they move to the device when they fit in DEVICE_TARGET_SHARE of its free memory: a copy from pageable
-    host memory synchronises the stream, so gathering on the host and copying every step stalls the queue (small
-    students are launch-bound). Otherwise they stay in pinned host memory, whose copies are asynchronous.
-    """
-    per_sample = [data.labels, data.views, data.features, data.logits]
-    labeled = bool((data.labels >= 0).all())
-    if device.type != "cuda":
-        return replace(data, labeled=labeled)
-    nbytes = sum(t.numel() * t.element_size() for t in per_sample if t is not None)
-    free, _ = torch.cuda.mem_get_info(device)
-    move = (lambda t: t.to(device)) if nbytes <= DEVICE_TARGET_SHARE * free else (lambda t: t.pin_memory())
-    moved = {
-        name: move(getattr(data, name))
-        for name in ("labels", "views", "features", "logits", "head_weight", "head_bias")
-        if getattr(data, name) is not None
-    }
-    return replace(data, **moved, labeled=labeled)
-
-
-def load_train_data(shards: str | Path, cache: str | Path | None, split: str = "train") -> TrainData:
-    """Shards of a split held in memory, joined with the feature cache when one is given."""
-    from pipeline.store import open_cache
-
-    index = load_index(shards)
-    data: ShardData = load_split(index.split(split))
-    out = TrainData(data.images, data.labels, tuple(index.spec["mean"]), tuple(index.spec["std"]), keys=data.keys)
-    if cache is None:
-        return out
-    store = open_cache(cache, split, spec_hash=index.spec_hash)
-    if store.keys != data.keys:
-        raise GenddError(f"cache {cache} was extracted from other samples than {shards}; re-run gendd extract")
-    arrays = store.load_all()
-    out.views = torch.from_numpy(arrays["views"])
-    out.features = torch.from_numpy(arrays["features"])
-    out.logits = torch.from_numpy(arrays["logits"])
-    out.head_weight = torch.from_numpy(np.asarray(store.head_weight, dtype=np.float32))
-    out.head_bias = torch.from_numpy(np.asarray(store.head_bias, dtype=np.float32))
-    return out
 
 
 class Student(nn.Module):
@@ -167,57 +103,61 @@ class Student(nn.Module):
         )
 
 
-def build_student(cfg: TrainConfig, data: TrainData, input_size: int) -> Student:
-    """The student network with the modules its method needs."""
-    num_classes = 0 if data.head_weight is None else data.head_weight.shape[0]
-    num_classes = num_classes or int(data.labels.max()) + 1
-    net = create_model(cfg.model, num_classes, data.images.shape[1], cfg.small_stem)
-    d_s = feature_dim(net, data.images.shape[1], input_size)
+def build_student(cfg: TrainConfig, info: InputInfo, input_size: int, stats: tuple | None = None) -> Student:
+    """The student network with the modules its method needs (`stats`: the targets' mean/std, see target_stats)."""
+    net = create_model(cfg.model, info.num_classes, info.channels, cfg.small_stem)
+    d_s = feature_dim(net, info.channels, input_size)
     head = proj = None
     if cfg.method in USES_HEAD:
-        if data.features is None:
+        if info.feature_dim is None:
             raise GenddError(f"method {cfg.method} (or a warm start) needs a teacher feature cache: pass --cache")
-        d_t = data.features.shape[-1]
-        if cfg.method in USES_HEAD:
-            head_cfg = HeadConfig(
-                d_t,
-                d_s,
-                cfg.head_token_dim,
-                cfg.head_width,
-                cfg.head_depth,
-                diffusion_batch_mul=cfg.diffusion_batch_mul,
-                cond_dropout=cfg.cond_dropout,
-                prediction=cfg.head_prediction,
-            )
-            head = GenerativeHead(head_cfg)
-            if cfg.target_norm:
-                head.set_target_stats(*target_stats(cfg, data))
+        head_cfg = HeadConfig(
+            info.feature_dim,
+            d_s,
+            cfg.head_token_dim,
+            cfg.head_width,
+            cfg.head_depth,
+            diffusion_batch_mul=cfg.diffusion_batch_mul,
+            cond_dropout=cfg.cond_dropout,
+            prediction=cfg.head_prediction,
+        )
+        head = GenerativeHead(head_cfg)
+        if cfg.target_norm and stats is not None:
+            head.set_target_stats(*stats)
         if cfg.warmstart_epochs:
-            proj = nn.Linear(d_s, d_t)  # stage 1: student feature -> teacher feature space -> frozen teacher head
-    log_prior = class_log_prior(data.labels, num_classes) if cfg.objective.logit_adjust else None
+            proj = nn.Linear(d_s, info.feature_dim)  # stage 1: student feature -> teacher feature space -> its head
+    log_prior = class_log_prior(info.labels, info.num_classes) if cfg.objective.logit_adjust else None
     return Student(net, head, proj, log_prior)
 
 
-def target_stats(cfg: TrainConfig, data: TrainData) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean/std of the contracted targets over every cached (sample, view)."""
-    n, k, d = data.features.shape
-    labels = data.labels.repeat_interleave(k) if cfg.objective.contraction > 0 else None
-    targets = contract_targets(
-        data.features.reshape(n * k, d).float(), labels, data.head_weight, cfg.objective.contraction
-    )
-    std = targets.std(dim=0)
-    return targets.mean(dim=0), std.clamp_min(0.1 * float(std.median()))  # floor: near-dead dims would blow up
+def target_stats(cfg: TrainConfig, data: TrainInput) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean/std of the contracted targets over every cached (sample, view) of the chunks that
+    `feature_chunks` yields (all of them for small caches), accumulated in float64 one chunk at a time."""
+    total = sq = None
+    rows = 0
+    uses_labels = cfg.objective.contraction > 0 and cfg.method in SUPERVISED
+    for feats, labels in data.feature_chunks():
+        n, k, d = feats.shape
+        y = torch.from_numpy(labels).long().repeat_interleave(k) if uses_labels else None
+        targets = contract_targets(
+            torch.from_numpy(feats).reshape(n * k, d).float(), y, data.info.head_weight, cfg.objective.contraction
+        ).double()
+        total = targets.sum(0) if total is None else total + targets.sum(0)
+        sq = (targets**2).sum(0) if sq is None else sq + (targets**2).sum(0)
+        rows += n * k
+    if total is None:
+        raise GenddError("the feature cache holds no samples to standardise the targets with; re-run gendd extract")
+    mean = total / rows
+    std = ((sq - rows * mean**2).clamp_min(0) / max(rows - 1, 1)).sqrt().float()
+    return mean.float(), std.clamp_min(0.1 * float(std.median()))  # floor: near-dead dims would blow up
 
 
-def check_data_serves(cfg: TrainConfig, data: TrainData) -> None:
+def check_data_serves(cfg: TrainConfig, info: InputInfo) -> None:
     """Refuse, in one line, a data/cache combination the method cannot use."""
-    labeled = bool((data.labels >= 0).all())
-    if cfg.method in SUPERVISED and not labeled:
+    if cfg.method in SUPERVISED and not info.labeled:
         raise GenddError(f"method {cfg.method} needs labels but the data has none; use kl or gendd_unsup")
-    if cfg.method != "ce" and data.features is None:
+    if cfg.method != "ce" and info.feature_dim is None:
         raise GenddError(f"method {cfg.method} needs the teacher feature cache: pass --cache (run gendd extract)")
-    if data.features is not None and data.views is None:
-        raise GenddError("the cache holds no views to replay; re-run gendd extract")
     if cfg.objective.logit_adjust and cfg.method not in SUPERVISED:
         raise GenddError(f"logit_adjust shifts the label cross-entropy, which {cfg.method} has none of; set it to 0")
     if cfg.warmstart_epochs and not 0 <= cfg.warmstart_epochs < cfg.epochs:
@@ -254,48 +194,6 @@ def schedule(step: int, total: int, warmup: int, cfg: TrainConfig) -> tuple[floa
     return lr, beta2
 
 
-def epoch_plan(
-    cfg: TrainConfig, data: TrainData, epoch: int, rank: int, world: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's sample order and the view index per sample for one epoch, from (seed, epoch) only."""
-    n = len(data.labels)
-    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    order = torch.randperm(n, generator=gen)
-    k = data.views.shape[1] if data.views is not None else 1
-    view_index = torch.randint(k, (n,), generator=gen)
-    usable = (n // world) * world  # every rank gets the same number of steps
-    return order[:usable][rank::world], view_index
-
-
-def epoch_views(cfg: TrainConfig, data: TrainData, epoch: int, view_index: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, 5) views for an epoch: the cached view picked per sample, or fresh policy draws without a cache."""
-    if data.views is not None:
-        where = data.views.device
-        return data.views[torch.arange(len(view_index), device=where), view_index.to(where)]
-    fresh = sample_views(data.keys, 2, cfg.policy, seed=cfg.seed * 100_003 + epoch, image_size=size)
-    return torch.from_numpy(fresh[:, 1])
-
-
-def _batch(data: TrainData, idx: torch.Tensor, view_index: torch.Tensor, device: torch.device) -> dict:
-    """Targets of a batch on the device: labels and the cached teacher outputs of the chosen views.
-
-    The gathers run where the targets live (see `targets_to`); idx and view_index are moved there if needed.
-    """
-    src = data.labels.device
-    idx, view_index = idx.to(src), view_index.to(src)
-    batch: dict = {"head_weight": data.head_weight, "head_bias": data.head_bias}
-    labeled = data.labeled  # settled once by targets_to: no device sync per step
-    if labeled is None:  # data not placed by targets_to: check this batch on the host
-        labeled = bool((data.labels[idx] >= 0).all())
-    if labeled:
-        batch["labels"] = data.labels[idx]
-    if data.features is not None:
-        picked = view_index[idx]
-        batch["teacher_features"] = data.features[idx, picked].float()
-        batch["teacher_logits"] = data.logits[idx, picked].float()
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if v is not None}
-
-
 def _save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -318,15 +216,19 @@ class _Run:
     accelerator: object
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    data: TrainData  # its targets where the steps gather them (targets_to)
-    images: torch.Tensor  # (N, C, H, W) uint8, on the device
-    steps_per_epoch: int
-    total_steps: int
+    data: TrainInput
+    epoch_steps: list[int]  # optimiser steps of every epoch, known up front (the schedule needs the total)
     warmup: int
     has_proj: bool
+    use_labels: bool  # labels reach the objective only for supervised methods (never for kl / gendd_unsup)
+
+    @property
+    def total_steps(self) -> int:
+        """Steps of the whole run."""
+        return sum(self.epoch_steps)
 
 
-def _start_run(cfg: TrainConfig, data: TrainData, input_size: int, ckpt_path: Path, resume: bool):
+def _start_run(cfg: TrainConfig, data: TrainInput, input_size: int, ckpt_path: Path, resume: bool):
     """Build model and optimizer, restore a checkpoint if one matches; returns (run, first epoch, history)."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
@@ -334,7 +236,8 @@ def _start_run(cfg: TrainConfig, data: TrainData, input_size: int, ckpt_path: Pa
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.warmstart_epochs > 0)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu, kwargs_handlers=[ddp])
     torch.manual_seed(cfg.seed)
-    model = build_student(cfg, data, input_size)
+    stats = target_stats(cfg, data) if cfg.method in USES_HEAD and cfg.target_norm else None
+    model = build_student(cfg, data.info, input_size, stats)
     groups = param_groups(model, cfg.weight_decay, cfg.head_lr_mult)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2_start))
     state = _load_checkpoint(ckpt_path, cfg, resume)
@@ -347,56 +250,86 @@ def _start_run(cfg: TrainConfig, data: TrainData, input_size: int, ckpt_path: Pa
         accelerator.print(f"resuming {ckpt_path.parent} from epoch {start}")
     has_proj = model.proj is not None
     model, optimizer = accelerator.prepare(model, optimizer)
-    steps_per_epoch = math.ceil(len(data.labels) // accelerator.num_processes / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch  # the warm start is inside the budget: equal epochs for every method
-    warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
-    images = data.images.to(accelerator.device)  # small datasets live on the device whole; batches are gathers
-    data = targets_to(data, accelerator.device)
-    run = _Run(accelerator, model, optimizer, data, images, steps_per_epoch, total_steps, warmup, has_proj)
+    world = accelerator.num_processes
+    epoch_steps = [data.steps_per_epoch(e, cfg.batch_size, world) for e in range(cfg.epochs)]
+    warmup = max(1, int(cfg.warmup_epochs * epoch_steps[0]))
+    data.place(accelerator.device)
+    use_labels = cfg.method in SUPERVISED and data.info.labeled
+    run = _Run(accelerator, model, optimizer, data, epoch_steps, warmup, has_proj, use_labels)
     return run, start, history
+
+
+def _targets(run: _Run, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """What the objective reads, on the device: labels (supervised methods only), the teacher's outputs as float32."""
+    info = run.data.info
+    out = {"head_weight": info.head_weight, "head_bias": info.head_bias}
+    if run.use_labels:
+        out["labels"] = batch["labels"]
+    if "teacher_features" in batch:  # float16 up to here: half the bytes through the loader and the copy
+        out["teacher_features"] = batch["teacher_features"].to(device, non_blocking=True).float()
+        out["teacher_logits"] = batch["teacher_logits"].to(device, non_blocking=True).float()
+    return {k: v.to(device, non_blocking=True) for k, v in out.items() if v is not None}
+
+
+def _join(run: _Run):
+    """Under DDP, ranks may get uneven batch counts from the stream: the ones done first shadow the others'
+    all-reduces (torch Join), so no rank waits forever and no sample is dropped."""
+    from contextlib import nullcontext
+
+    if run.accelerator.num_processes == 1 or not hasattr(run.model, "join_hook"):
+        return nullcontext()
+    from torch.distributed.algorithms.join import Join
+
+    return Join([run.model], throw_on_early_termination=False)
 
 
 def _train_epoch(run: _Run, cfg: TrainConfig, epoch: int, input_size: int) -> dict:
     """One epoch of optimiser steps; returns the epoch's mean logs, last lr and throughput."""
-    acc, device, data = run.accelerator, run.accelerator.device, run.data
+    acc, device, info = run.accelerator, run.accelerator.device, run.data.info
     run.model.train()
-    order, view_index = epoch_plan(cfg, data, epoch, acc.process_index, acc.num_processes)
-    views = epoch_views(cfg, data, epoch, view_index, run.images.shape[-1])
-    # One copy per epoch to where the targets live: the steps below slice and gather without host copies.
-    where = data.labels.device
-    order, view_index, views = order.to(where), view_index.to(where), views.to(where)
+    plan = EpochPlan(cfg.seed, epoch, cfg.batch_size, acc.process_index, acc.num_processes, cfg.policy)
     warm = run.has_proj and epoch < cfg.warmstart_epochs
+    first = sum(run.epoch_steps[:epoch])
     sums: dict[str, torch.Tensor] = {}
+    steps = images = 0
+    lr = cfg.lr
     started = time.perf_counter()
     desc = f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}"
-    for step in tqdm(range(run.steps_per_epoch), desc=desc, leave=False, disable=not acc.is_local_main_process):
-        idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-        lr, beta2 = schedule(epoch * run.steps_per_epoch + step, run.total_steps, run.warmup, cfg)
-        for group in run.optimizer.param_groups:
-            group["lr"], group["betas"] = lr * group["lr_mult"], (0.9, beta2)
-        x = apply_views(run.images[idx.to(device)], views[idx].to(device), input_size, data.mean, data.std)
-        with acc.autocast():
-            loss, logs = run.model(x, _batch(data, idx, view_index, device), cfg.objective, warm)
-        run.optimizer.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        run.optimizer.step()
-        for key, value in logs.items():  # summed on the device: no host sync per step
-            sums[key] = sums.get(key, 0.0) + value.float()
+    bar = tqdm(total=run.epoch_steps[epoch], desc=desc, leave=False, disable=not acc.is_local_main_process)
+    with _join(run):
+        for batch in run.data.batches(plan):
+            lr, beta2 = schedule(first + steps, run.total_steps, run.warmup, cfg)
+            for group in run.optimizer.param_groups:
+                group["lr"], group["betas"] = lr * group["lr_mult"], (0.9, beta2)
+            pixels = batch["images"].to(device, non_blocking=True)
+            x = apply_views(pixels, batch["views"].to(device, non_blocking=True), input_size, info.mean, info.std)
+            with acc.autocast():
+                loss, logs = run.model(x, _targets(run, batch, device), cfg.objective, warm)
+            run.optimizer.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            run.optimizer.step()
+            for key, value in logs.items():  # summed on the device: no host sync per step
+                sums[key] = sums.get(key, 0.0) + value.float()
+            steps, images = steps + 1, images + len(pixels)
+            bar.update()
+    bar.close()
     seconds = time.perf_counter() - started
-    means = {k: float(v) / run.steps_per_epoch for k, v in sums.items()}
-    return {"epoch": epoch + 1, "lr": lr, "seconds": seconds, "images_per_s": len(order) / seconds, **means}
+    means = {k: float(v) / max(steps, 1) for k, v in sums.items()}
+    return {"epoch": epoch + 1, "lr": lr, "seconds": seconds, "images_per_s": images / seconds, **means}
 
 
 def train(
     cfg: TrainConfig,
-    data: TrainData,
+    data: TrainInput | TrainData,
     out: str | Path,
     input_size: int,
     evaluate_fn=None,
     resume: bool = True,
 ) -> tuple[Student, list[dict]]:
     """Train for cfg.epochs, checkpointing every epoch (resumes from one); returns the student and its history."""
-    check_data_serves(cfg, data)
+    if isinstance(data, TrainData):
+        data = MemoryInput(data)
+    check_data_serves(cfg, data.info)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
+
+from stages.options import BUFFER_HELP, DATA_HELP, WORKERS_HELP
 
 
 def command(
-    shards: Path = typer.Option(..., help="Image shard directory (gendd prepare --out)."),
-    cache: Path | None = typer.Option(None, help="Feature cache (gendd extract --out); not needed for ce."),
-    out: Path = typer.Option(..., help="Output directory: student, head, checkpoint, train.json, live/."),
+    shards: str = typer.Option(..., help="Image shard directory or URL (gendd prepare --out)."),
+    cache: str | None = typer.Option(None, help="Feature cache directory or URL (gendd extract --out); not for ce."),
+    out: str = typer.Option(..., help="Output directory (local): student, head, checkpoint, train.json, live/."),
     student: str = typer.Option("resnet10t", help="timm model name of the student."),
     small_stem: bool = typer.Option(True, help="3x3 stride-1 stem without max-pool, for small images."),
     method: str = typer.Option("gendd", help="gendd, gendd_unsup, kd, kl or ce."),
@@ -43,8 +43,12 @@ def command(
     mixed_precision: str = typer.Option("no", help="no, bf16 or fp16 (accelerate)."),
     cpu: bool = typer.Option(False, help="Force the CPU."),
     resume: bool = typer.Option(True, help="Continue from <out>/checkpoint.pt when it exists."),
+    data: str = typer.Option(DATA_HELP[0], help=DATA_HELP[1]),
+    workers: int = typer.Option(-1, help=WORKERS_HELP),
+    shuffle_buffer: int = typer.Option(4096, help=BUFFER_HELP),
 ) -> None:
     """Distil a student; checkpoints every epoch and resumes automatically."""
+    from pipeline.data import DataOptions
     from pipeline.distill import DistillConfig, distill
     from pipeline.objectives import ObjectiveConfig
     from pipeline.train import TrainConfig
@@ -76,7 +80,8 @@ def command(
         mixed_precision=mixed_precision,
         cpu=cpu,
     )
-    summary = distill(DistillConfig(shards, cache, out, train, resume))
+    options = DataOptions(data, workers, shuffle_buffer)
+    summary = distill(DistillConfig(shards, cache, out, train, resume, options))
     final = summary["final"]
     top1 = final.get("val_probe_top1")
     typer.echo(

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,3 +25,31 @@ def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> ShardIndex:
     out = tmp_path_factory.mktemp("digits_shards")
     index, _ = prepare_shards(load_spec(DIGITS_SPEC), out, shard_size=64, max_samples=200)
     return index
+
+
+@contextmanager
+def serve_http(root: Path) -> Iterator[str]:
+    """`python -m http.server` on 127.0.0.1 serving `root`, stopped on exit; yields its base URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(root)]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:  # a raw connect, not urllib: proxy settings in the environment must not matter
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the test HTTP server did not start") from None
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

@@ -9,19 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.data import EpochPlan, MemoryInput, TrainData, view_plan
 from pipeline.errors import GenddError
 from pipeline.objectives import ObjectiveConfig
-from pipeline.train import (
-    TrainConfig,
-    TrainData,
-    build_student,
-    check_data_serves,
-    epoch_plan,
-    param_groups,
-    schedule,
-    targets_to,
-    train,
-)
+from pipeline.train import TrainConfig, build_student, check_data_serves, param_groups, schedule, train
 
 
 def _data(n: int = 48, labeled: bool = True, cached: bool = True) -> TrainData:
@@ -31,11 +22,16 @@ def _data(n: int = 48, labeled: bool = True, cached: bool = True) -> TrainData:
     if cached:
         k, d = 2, 32
         data.views = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0], [0.1, 0.0, 0.9, 1.0, 1.0]]).expand(n, k, 5).clone()
-        data.features = torch.randn(n, k, d, generator=gen) + labels.clamp_min(0)[:, None, None].float()
+        data.features = (torch.randn(n, k, d, generator=gen) + labels.clamp_min(0)[:, None, None].float()).half()
         data.head_weight = torch.randn(3, d, generator=gen) * 0.1
         data.head_bias = torch.zeros(3)
-        data.logits = data.features @ data.head_weight.T
+        data.logits = (data.features.float() @ data.head_weight.T).half()
+    data.keys = [f"s{i:04d}" for i in range(n)]
     return data
+
+
+def _info(data: TrainData):
+    return MemoryInput(data).info
 
 
 TINY = TrainConfig(
@@ -54,7 +50,7 @@ TINY = TrainConfig(
 
 
 def test_param_groups_exempt_head_norms_and_biases() -> None:
-    student = build_student(TINY, _data(), 8)
+    student = build_student(TINY, _info(_data()), 8)
     decay, no_decay, head = param_groups(student, 0.05, 2.5)
     head_ids = {id(p) for p in student.head.parameters()} | {id(p) for p in student.net.get_classifier().parameters()}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == head["weight_decay"] == 0.0
@@ -74,14 +70,30 @@ def test_schedule_warms_up_decays_and_ramps_beta2() -> None:
     assert all(a <= b for a, b in itertools.pairwise(betas))
 
 
-def test_epoch_plan_depends_on_seed_and_epoch_only_and_splits_ranks() -> None:
+def _epoch(data: TrainData, epoch: int, rank: int = 0, world: int = 1) -> list[dict]:
+    return list(MemoryInput(data).batches(EpochPlan(TINY.seed, epoch, 16, rank, world)))
+
+
+def test_memory_batches_depend_on_seed_and_epoch_only_and_split_ranks() -> None:
     data = _data(50)
-    order, views = epoch_plan(TINY, data, 3, 0, 1)
-    again, views_again = epoch_plan(TINY, data, 3, 0, 1)
-    assert torch.equal(order, again) and torch.equal(views, views_again)
-    assert not torch.equal(order, epoch_plan(TINY, data, 4, 0, 1)[0])
-    ranks = [epoch_plan(TINY, data, 3, r, 2)[0] for r in range(2)]
+    first, again = _epoch(data, 3), _epoch(data, 3)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(first, again, strict=True) for k in a)
+    assert not torch.equal(first[0]["index"], _epoch(data, 4)[0]["index"])
+    ranks = [torch.cat([b["index"] for b in _epoch(data, 3, r, 2)]) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == 25 and not set(ranks[0].tolist()) & set(ranks[1].tolist())
+    for batch in first:  # every sample is paired with its own cached view and teacher outputs
+        idx, view = batch["index"], batch["view"]
+        assert torch.equal(view, torch.from_numpy(view_plan(TINY.seed, 3, idx.numpy(), 2)))
+        assert torch.equal(batch["teacher_features"], data.features[idx, view])
+        assert torch.equal(batch["views"], data.views[idx, view]) and torch.equal(batch["images"], data.images[idx])
+
+
+def test_view_plan_is_stateless_and_uses_every_view() -> None:
+    index = torch.arange(4000).numpy()
+    plan = view_plan(0, 1, index, 8)
+    assert (plan[::-1] == view_plan(0, 1, index[::-1], 8)).all()  # a sample's view does not depend on the order
+    assert set(plan.tolist()) == set(range(8)) and abs((plan == 0).mean() - 1 / 8) < 0.03
+    assert (plan != view_plan(0, 2, index, 8)).mean() > 0.8 and (view_plan(0, 1, index, 1) == 0).all()
 
 
 def test_refusals_are_one_line() -> None:
@@ -93,10 +105,10 @@ def test_refusals_are_one_line() -> None:
     ]
     for cfg, data, words in cases:
         with pytest.raises(GenddError, match=words) as info:
-            check_data_serves(cfg, data)
+            check_data_serves(cfg, _info(data))
         assert "\n" not in str(info.value)
     with pytest.raises(GenddError, match="token_dim 16 does not divide"):
-        build_student(TINY, _shrink(_data(), 24), 8)
+        build_student(TINY, _info(_shrink(_data(), 24)), 8)
 
 
 def _shrink(data: TrainData, dim: int) -> TrainData:
@@ -138,22 +150,25 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path: Path) -> None:
 def test_logit_adjustment_gives_the_student_the_training_class_prior() -> None:
     data = _data()
     data.labels = torch.tensor([0] * 30 + [1] * 12 + [2] * 6)
-    adjusted = build_student(replace(TINY, objective=ObjectiveConfig("gendd", logit_adjust=1.0)), data, 8)
+    adjusted = build_student(replace(TINY, objective=ObjectiveConfig("gendd", logit_adjust=1.0)), _info(data), 8)
     assert torch.allclose(adjusted.log_prior.exp(), torch.tensor([30.0, 12.0, 6.0]) / 48)
     assert "log_prior" in adjusted.state_dict()  # resumes with the same prior
-    plain = build_student(TINY, data, 8)
+    plain = build_student(TINY, _info(data), 8)
     assert plain.log_prior is None and "log_prior" not in plain.state_dict()
 
 
-def test_targets_where_steps_gather_them_give_the_same_batches() -> None:
-    """targets_to settles once whether batches carry labels (no per-step check on the device); the batches match
-    the per-batch host path."""
-    from pipeline.train import _batch
+def test_unsupervised_methods_never_see_labels_even_in_the_warm_start(tmp_path: Path, monkeypatch) -> None:
+    import pipeline.train as train_module
 
-    data, idx = _data(), torch.tensor([3, 7, 11, 0])
-    view_index = torch.randint(2, (48,), generator=torch.Generator().manual_seed(1))
-    placed = targets_to(data, torch.device("cpu"))
-    assert placed.labeled is True and data.labeled is None
-    before, after = (_batch(d, idx, view_index, torch.device("cpu")) for d in (data, placed))
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert "labels" not in _batch(targets_to(_data(labeled=False), torch.device("cpu")), idx, view_index, "cpu")
+    seen = []
+    real = train_module._targets
+
+    def spy(run, batch, device):
+        out = real(run, batch, device)
+        seen.append("labels" in out)
+        return out
+
+    monkeypatch.setattr(train_module, "_targets", spy)
+    cfg = replace(TINY, method="gendd_unsup", objective=ObjectiveConfig("gendd_unsup", contraction=0.0), epochs=2)
+    train(cfg, _data(), tmp_path, 8)  # labelled data, warm start on: the warm start matches teacher logits instead
+    assert seen and not any(seen)

@@ -1,0 +1,246 @@
+"""The stream mode: shards and their cache chunks read per epoch, so memory does not grow with the dataset.
+
+Per epoch the shard order is a permutation from (seed, epoch); rank r takes every world-th shard of it and loader
+worker w every workers-th shard of those, so every sample is read once per epoch by exactly one worker. A worker
+reads a shard's image tar and the cache chunk of the same samples (chunks are aligned with shards), checks that
+their keys agree, picks each sample's view from `view_plan`, and draws batches at random from a buffer of at least
+`shuffle_buffer` samples. Memory per worker: one decoded shard plus the buffer, whatever the split's size.
+
+Uneven shard counts: ranks (and workers) may get a different number of samples in an epoch; nothing is dropped or
+repeated. Under DDP the training loop joins uneven inputs (`Accelerator.join_uneven_inputs`): a rank that runs out
+of batches first shadows the others' gradient all-reduces, so no rank waits forever.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.data import DataOptions, EpochPlan, InputInfo, fresh_views, stats_chunks, stream_workers, view_plan
+from pipeline.errors import GenddError
+from pipeline.shards import ShardSet, decode_shard, load_index
+
+_ERROR = "error"  # a worker's GenddError travels to the main process as a batch with this key
+
+
+def shard_order(n_shards: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's shard order: a permutation from (seed, epoch) only."""
+    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n_shards)
+
+
+def worker_shards(n_shards: int, plan: EpochPlan, worker: int, workers: int) -> list[int]:
+    """Shards of one loader worker of one rank in an epoch: disjoint across (rank, worker), together all of them."""
+    mine = shard_order(n_shards, plan.seed, plan.epoch)[plan.rank :: plan.world]
+    return [int(i) for i in mine[worker::workers]]
+
+
+class _Shards:
+    """One split's image shards and (optionally) the cache chunks aligned with them; reads one shard's samples."""
+
+    def __init__(self, shards: ShardSet, cache, image_size: int) -> None:
+        self.set, self.cache, self.image_size = shards, cache, image_size
+
+    def read(self, i: int, plan: EpochPlan | None) -> dict[str, np.ndarray]:
+        """Shard i decoded, with its view per sample (plan None: the identity view, view 0) and cached targets."""
+        location = self.set.path(i)
+        keys, images, labels, _ = decode_shard(location)
+        start, count = self.set.starts[i], self.set.counts[i]
+        if len(keys) != count:
+            raise GenddError(
+                f"{location}: {len(keys)} samples, index.json says {count}: the shard is truncated or replaced; "
+                "re-run gendd prepare (and gendd extract)"
+            )
+        index = np.arange(start, start + count, dtype=np.int64)
+        k = self.cache.K if self.cache is not None else 0
+        view = view_plan(plan.seed, plan.epoch, index, k) if plan is not None and k else np.zeros(count, np.int64)
+        out = {"images": images, "labels": labels, "index": index, "view": view}
+        if self.cache is None:
+            ident = np.tile(np.array([[0.0, 0.0, 1.0, 1.0, 0.0]], np.float32), (count, 1))
+            out["views"] = fresh_views(keys, plan, self.image_size).astype(np.float32) if plan else ident
+            return out
+        if keys != self.cache.keys[start : start + count]:
+            raise GenddError(
+                f"{location} holds other samples than chunk {i} of the cache {self.cache.path}: the cache does not "
+                "match the shards; re-run gendd extract with these shards"
+            )
+        chunk = self.cache.read_chunk(i, dtype=np.float16)
+        rows = np.arange(count)
+        out["views"] = chunk["views"][rows, view]
+        out["teacher_features"] = chunk["features"][rows, view]
+        out["teacher_logits"] = chunk["logits"][rows, view]
+        return out
+
+
+class _Buffer:
+    """Samples of several shards waiting to be batched; batches are drawn from it at random (a shuffle buffer)."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng, self.rows = rng, []  # rows: (block, row in block)
+
+    def add(self, block: dict[str, np.ndarray]) -> None:
+        self.rows.extend((block, r) for r in range(len(block["index"])))
+
+    def take(self, size: int) -> dict[str, np.ndarray]:
+        """`size` random samples, removed from the buffer, stacked per field."""
+        picks = sorted(self.rng.choice(len(self.rows), size=min(size, len(self.rows)), replace=False), reverse=True)
+        taken = []
+        for p in picks:  # swap-remove: O(1) per sample
+            taken.append(self.rows[p])
+            self.rows[p] = self.rows[-1]
+            self.rows.pop()
+        return {name: np.stack([block[name][r] for block, r in taken]) for name in taken[0][0]}
+
+
+class ShardStream(IterableDataset):
+    """One rank's training samples of one epoch, as shuffled batches (DataLoader with batch_size=None)."""
+
+    def __init__(self, source: _Shards, plan: EpochPlan, workers: int, shuffle_buffer: int) -> None:
+        super().__init__()
+        self.source, self.plan, self.workers, self.shuffle_buffer = source, plan, max(workers, 1), shuffle_buffer
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        plan = self.plan
+        buffer = _Buffer(np.random.default_rng([plan.seed, plan.epoch, plan.rank, worker]))
+        try:
+            for i in worker_shards(len(self.source.set.names), plan, worker, self.workers):
+                buffer.add(self.source.read(i, plan))
+                while len(buffer.rows) >= self.shuffle_buffer + plan.batch_size:
+                    yield buffer.take(plan.batch_size)
+            while buffer.rows:
+                yield buffer.take(plan.batch_size)
+        except GenddError as err:  # one line in the main process, not a worker traceback
+            yield {_ERROR: str(err)}
+
+
+class _OrderedShards(IterableDataset):
+    """Every sample of a split once, identity view, in batches within each shard (evaluation)."""
+
+    def __init__(self, source: _Shards, batch_size: int, workers: int) -> None:
+        super().__init__()
+        self.source, self.batch_size, self.workers = source, batch_size, max(workers, 1)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        try:
+            for i in range(worker, len(self.source.set.names), self.workers):
+                block = self.source.read(i, None)
+                for start in range(0, len(block["index"]), self.batch_size):
+                    yield {name: value[start : start + self.batch_size] for name, value in block.items()}
+        except GenddError as err:
+            yield {_ERROR: str(err)}
+
+
+def _loader(dataset: IterableDataset, workers: int, pin: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of `dataset` through a DataLoader (workers prefetch; pinned memory on a GPU); worker errors re-raised
+    as one line."""
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+    try:
+        for batch in loader:
+            if _ERROR in batch:
+                raise GenddError(batch[_ERROR])
+            yield batch
+    except RuntimeError as err:  # a worker killed (e.g. out of memory): say so in one line
+        if "DataLoader worker" not in str(err):
+            raise
+        raise GenddError(f"a data loader worker died ({str(err).splitlines()[0]}); try fewer --workers") from err
+
+
+def _open_source(shards: str | Path, cache: str | Path | None, split: str) -> tuple[_Shards, InputInfo]:
+    """Shards and cache of a split, checked to be aligned chunk for shard, and what they describe."""
+    from pipeline.store import open_cache
+
+    index = load_index(shards)
+    shard_set = index.split(split)
+    spec = index.spec
+    keys, labels = shard_set.keys_and_labels()
+    info = InputInfo(
+        n=shard_set.n,
+        channels=int(spec["channels"]),
+        image_size=int(spec["image_size"]),
+        mean=tuple(spec["mean"]),
+        std=tuple(spec["std"]),
+        num_classes=int(spec["num_classes"]),
+        labels=torch.as_tensor(labels, dtype=torch.int64),
+    )
+    store = None
+    if cache is not None:
+        store = open_cache(cache, split, spec_hash=index.spec_hash)
+        aligned = store.n == shard_set.n and all(
+            store.chunk_bounds(i) == (s, s + c)
+            for i, (s, c) in enumerate(zip(shard_set.starts, shard_set.counts, strict=True))
+        )
+        if not aligned or store.n_chunks != len(shard_set.names) or store.keys != keys:
+            raise GenddError(
+                f"cache {store.path} does not match the shards of {shards} ({store.n} samples in {store.n_chunks} "
+                f"chunks, shards: {shard_set.n} in {len(shard_set.names)}): re-run gendd extract with these shards"
+            )
+        info.num_views, info.feature_dim, info.num_classes = store.K, store.feature_dim, store.num_classes
+        info.head_weight = torch.from_numpy(np.asarray(store.head_weight, np.float32))
+        info.head_bias = torch.from_numpy(np.asarray(store.head_bias, np.float32))
+    return _Shards(shard_set, store, info.image_size), info
+
+
+class StreamInput:
+    """The stream mode of a split: per-epoch shard streams through DataLoader workers."""
+
+    mode = "stream"
+
+    def __init__(self, shards: str | Path, cache: str | Path | None, split: str, options: DataOptions) -> None:
+        self.source, self.info = _open_source(shards, cache, split)
+        self.workers = stream_workers(options.workers)
+        self.shuffle_buffer = options.shuffle_buffer
+        self.pin = False
+
+    def place(self, device: torch.device) -> None:
+        """Batches are pinned in host memory for an asynchronous copy to a GPU."""
+        self.pin = device.type == "cuda"
+
+    def steps_per_epoch(self, epoch: int, batch_size: int, world: int) -> int:
+        """A worker yields ceil(its samples / batch) batches; a rank's steps are its workers' sum (max over ranks)."""
+        counts = self.source.set.counts
+        steps = 0
+        for rank in range(world):
+            plan = EpochPlan(0, epoch, batch_size, rank, world)
+            per_worker = [
+                sum(counts[i] for i in worker_shards(len(counts), plan, w, max(self.workers, 1)))
+                for w in range(max(self.workers, 1))
+            ]
+            steps = max(steps, sum(math.ceil(c / batch_size) for c in per_worker))
+        return steps
+
+    def batches(self, plan: EpochPlan) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's batches of one epoch (workers read ahead while the device trains)."""
+        return _loader(ShardStream(self.source, plan, self.workers, self.shuffle_buffer), self.workers, self.pin)
+
+    def feature_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Evenly spread cache chunks (all of them for small caches), read one at a time."""
+        cache = self.source.cache
+        if cache is None:
+            return
+        for i in stats_chunks(cache.n_chunks, cache.chunk_size):
+            chunk = cache.read_chunk(i, dtype=np.float16)
+            yield chunk["features"], chunk["labels"]
+
+
+def stream_eval_batches(
+    shards: str | Path, cache: str | Path | None, split: str, batch_size: int, workers: int, pin: bool = False
+) -> tuple[InputInfo, Iterator[dict[str, torch.Tensor]]]:
+    """Every sample of a split once through the identity view, shard by shard (with the teacher's view-0 logits)."""
+    source, info = _open_source(shards, cache, split)
+    workers = stream_workers(workers)
+    return info, _loader(_OrderedShards(source, batch_size, workers), workers, pin)

@@ -1,0 +1,202 @@
+"""The stream mode: coverage across ranks and workers, (key, view) pairing, determinism, refusals, HTTP, the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data import DataOptions, EpochPlan, memory_input, view_plan
+from pipeline.errors import GenddError
+from pipeline.shards import ShardIndex, load_index, load_split
+from pipeline.store import CacheMeta, FeatureCacheWriter, open_cache
+from pipeline.stream import StreamInput, stream_eval_batches
+
+from .conftest import serve_http
+
+K, D = 3, 8
+
+
+def build_cache(shards: ShardIndex, root: Path, fmt: str = "zarr", split: str = "train") -> Path:
+    """A cache aligned with the shards whose feature[i, k, 0] = i * K + k: a batch shows which (sample, view) it got."""
+    keys, labels = shards.split(split).keys_and_labels()
+    n, c = len(keys), int(shards.spec["num_classes"])
+    teacher = {"name": "t", "checkpoint_sha256": "a" * 64, "feature_dim": D, "num_classes": c}
+    teacher |= {"input_size": 8, "mean": (0.5,), "std": (0.25,)}
+    meta = CacheMeta(
+        teacher=teacher,
+        dataset={"name": "digits", "spec_hash": shards.spec_hash, "split": split, "n": n},
+        views={"K": K, "policy": {"kind": "rrc"}, "seed": 0},
+    )
+    rng = np.random.default_rng(0)
+    writer = FeatureCacheWriter.open(
+        root,
+        split,
+        meta,
+        chunk_size=shards.shard_size,
+        keys=keys,
+        labels=labels,
+        head_weight=rng.standard_normal((c, D)),
+        head_bias=np.zeros(c),
+        fmt=fmt,
+    )
+    images = load_split(shards.split(split))
+    for i in range(writer.n_chunks):
+        start, stop = i * shards.shard_size, min(n, (i + 1) * shards.shard_size)
+        tag = (np.arange(start, stop)[:, None] * K + np.arange(K)[None, :]).astype(np.float32)
+        features = np.concatenate([tag[..., None], rng.standard_normal((stop - start, K, D - 1))], axis=-1)
+        views = np.tile(np.array([0.0, 0.0, 1.0, 1.0, 0.0], np.float32), (stop - start, K, 1))
+        views[..., 0] = tag / (n * K)  # distinct per (sample, view): checks the view travels with its features
+        png = [b"x"] * (stop - start) if fmt == "webdataset" else None
+        if png is not None:
+            from pipeline.shards import read_shard
+
+            png = read_shard(shards.split(split).path(i), keep_png=True).png
+        writer.write_chunk(i, features, rng.standard_normal((stop - start, K, c)), views, png)
+    assert writer.finalize()
+    assert len(images.keys) == n
+    return root
+
+
+@pytest.fixture(scope="module")
+def cached(digits_shards: ShardIndex, tmp_path_factory: pytest.TempPathFactory) -> tuple[ShardIndex, Path]:
+    return digits_shards, build_cache(digits_shards, tmp_path_factory.mktemp("stream_cache"))
+
+
+def epoch(source: StreamInput, plan: EpochPlan) -> list[dict]:
+    return list(source.batches(plan))
+
+
+def check_pairing(batches: list[dict], shards: ShardIndex, seed: int, ep: int) -> None:
+    """Every row holds the image, label, view and teacher outputs of one (sample, view)."""
+    split = load_split(shards.split("train"))
+    n = len(split.keys)
+    for batch in batches:
+        idx, view = batch["index"], batch["view"]
+        assert batch["teacher_features"].dtype == torch.float16 and batch["teacher_logits"].dtype == torch.float16
+        assert torch.equal(view, torch.from_numpy(view_plan(seed, ep, idx.numpy(), K)))
+        assert torch.equal(batch["teacher_features"][:, 0].long(), idx * K + view)
+        assert torch.allclose(batch["views"][:, 0], ((idx * K + view) / (n * K)).float())
+        assert torch.equal(batch["images"], split.images[idx]) and torch.equal(batch["labels"], split.labels[idx])
+
+
+def test_two_ranks_two_workers_visit_every_sample_once(cached: tuple[ShardIndex, Path]) -> None:
+    shards, cache = cached
+    n = shards.split("train").n
+    source = StreamInput(shards.root, cache, "train", DataOptions("stream", workers=2, shuffle_buffer=16))
+    seen: Counter = Counter()
+    for rank in range(2):
+        batches = epoch(source, EpochPlan(0, 1, 16, rank, 2))
+        assert len(batches) <= source.steps_per_epoch(1, 16, 2)
+        check_pairing(batches, shards, 0, 1)
+        seen.update(torch.cat([b["index"] for b in batches]).tolist())
+    assert sorted(seen) == list(range(n)) and set(seen.values()) == {1}
+
+
+def test_same_seed_same_batches_other_epoch_other_order(cached: tuple[ShardIndex, Path]) -> None:
+    shards, cache = cached
+    source = StreamInput(shards.root, cache, "train", DataOptions("stream", workers=2, shuffle_buffer=32))
+    first, again = epoch(source, EpochPlan(3, 0, 16)), epoch(source, EpochPlan(3, 0, 16))
+    assert len(first) == len(again) == source.steps_per_epoch(0, 16, 1)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(first, again, strict=True) for k in a)
+    other = torch.cat([b["index"] for b in epoch(source, EpochPlan(3, 1, 16))])
+    assert not torch.equal(torch.cat([b["index"] for b in first]), other)
+    check_pairing(first, shards, 3, 0)
+
+
+def test_shuffle_buffer_mixes_shards(cached: tuple[ShardIndex, Path]) -> None:
+    shards, cache = cached
+    source = StreamInput(shards.root, cache, "train", DataOptions("stream", workers=0, shuffle_buffer=128))
+    first = epoch(source, EpochPlan(0, 0, 32))[0]["index"] // shards.shard_size
+    assert len(set(first.tolist())) > 1  # one batch draws from several shards
+
+
+def test_webdataset_cache_streams_the_same_pairs(digits_shards: ShardIndex, tmp_path: Path) -> None:
+    cache = build_cache(digits_shards, tmp_path / "wds", fmt="webdataset")
+    source = StreamInput(digits_shards.root, cache, "train", DataOptions("stream", workers=1))
+    check_pairing(epoch(source, EpochPlan(0, 2, 16)), digits_shards, 0, 2)
+
+
+def test_memory_and_stream_train_on_the_same_views(cached: tuple[ShardIndex, Path]) -> None:
+    shards, cache = cached
+    plan = EpochPlan(5, 2, 16)
+    pairs, chunks = [], []
+    for source in (memory_input(shards.root, cache), StreamInput(shards.root, cache, "train", DataOptions("stream"))):
+        rows = [torch.cat([b[k] for b in source.batches(plan)]).tolist() for k in ("index", "view")]
+        pairs.append(sorted(zip(*rows, strict=True)))
+        chunks.append(list(source.feature_chunks()))  # target statistics read the same values in both modes
+    assert pairs[0] == pairs[1]
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(*chunks, strict=True))
+
+
+def test_evaluation_stream_reads_every_sample_once(cached: tuple[ShardIndex, Path]) -> None:
+    shards, _ = cached
+    info, batches = stream_eval_batches(shards.root, None, "val", 50, workers=2)
+    index = torch.cat([b["index"] for b in batches])
+    assert sorted(index.tolist()) == list(range(info.n))
+
+
+def test_truncated_shard_and_mismatched_cache_are_one_line_errors(cached: tuple[ShardIndex, Path], tmp_path: Path):
+    shards, _ = cached
+    copy = tmp_path / "shards"
+    shutil.copytree(shards.root, copy)
+    record = json.loads((copy / "index.json").read_text())
+    record["splits"]["train"]["counts"][1] += 5  # the shard holds fewer samples than the index says
+    (copy / "index.json").write_text(json.dumps(record))
+    with pytest.raises(GenddError, match=r"train-000001\.tar: 64 samples, index\.json says 69") as info:
+        epoch(StreamInput(copy, None, "train", DataOptions("stream", workers=1)), EpochPlan(0, 0, 16))
+    assert "\n" not in str(info.value)
+    other = tmp_path / "other"  # a cache of the val split's samples, renamed as train: other keys
+    build_cache(shards, other, split="val")
+    (other / "val.zarr").rename(other / "train.zarr")
+    with pytest.raises(GenddError) as info:
+        StreamInput(shards.root, other, "train", DataOptions("stream"))
+    assert "\n" not in str(info.value) and ("does not match" in str(info.value) or "built for" in str(info.value))
+
+
+def gendd(*args: str, ok: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.app", *args], capture_output=True, text=True, timeout=600, cwd=cwd
+    )
+    if ok:
+        assert result.returncode == 0, f"gendd {' '.join(args)}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+TINY_DISTILL = ["--student", "test_resnet", "--epochs", "1", "--batch-size", "32", "--cpu"]
+TINY_DISTILL += ["--token-dim", "4", "--head-width", "32", "--diffusion-batch-mul", "1", "--input-size", "8"]
+
+
+def test_distill_and_evaluate_stream_from_an_http_server(cached: tuple[ShardIndex, Path], tmp_path: Path) -> None:
+    shards, cache = cached
+    served = tmp_path / "served"
+    shutil.copytree(shards.root, served / "shards")
+    shutil.copytree(cache, served / "cache")
+    build_cache(load_index(served / "shards"), served / "cache", split="val")
+    with serve_http(served) as url:
+        out, ev = tmp_path / "student", tmp_path / "eval"
+        remote = ["--shards", f"{url}/shards", "--cache", f"{url}/cache", "--data", "stream", "--workers", "1"]
+        gendd("distill", *remote, "--out", str(out), "--method", "gendd", *TINY_DISTILL)
+        gendd("evaluate", *remote, "--student", str(out), "--out", str(ev), "--steps", "2", "--n-samples", "1")
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert {"probe_top1", "generative_top1", "teacher_top1"} <= metrics.keys()
+    history = json.loads((out / "train.json").read_text())["history"]
+    assert len(history) == 1 and "val_probe_top1" in history[0]
+    assert open_cache(served / "cache", "val").n == shards.split("val").n
+
+
+@pytest.mark.parametrize("where", ["shards", "out"])
+def test_unsupported_url_refused_in_one_line_with_nothing_written(tmp_path: Path, where: str) -> None:
+    shards = "ftp://127.0.0.1/shards" if where == "shards" else str(tmp_path)
+    out = "s3://bucket/student" if where == "out" else str(tmp_path / "student")
+    result = gendd("distill", "--shards", shards, "--out", out, "--method", "ce", *TINY_DISTILL, ok=False, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "gendd: error:" in result.stderr
+    assert ("ftp" if where == "shards" else "s3://bucket/student") in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no student dir, no ./s3:/bucket
