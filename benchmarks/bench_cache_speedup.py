@@ -1,10 +1,10 @@
 """What the cache buys: steps/s of GenDD distillation with cached targets, online teacher targets, plain CE, and
 targets already on the device.
 
-Per case, in one process, the same batches (sample order and view per sample from `epoch_plan`/`epoch_views`, as the
-training loop draws them) and one optimiser step = forward, loss via `compute_objective`, backward, AdamW:
-- cached: images on the device, views applied, cached teacher outputs gathered from `load_train_data`'s in-memory
-  arrays and moved to the device (`pipeline.train._batch`, exactly what `train` calls);
+Per case, in one process, the same batches (the memory mode's batches of epoch 0, `pipeline.data.MemoryInput`, as
+the training loop draws them) and one optimiser step = forward, loss via `compute_objective`, backward, AdamW:
+- cached: images on the device, views applied, cached teacher outputs gathered by the memory mode from its in-memory
+  arrays and moved to the device (`MemoryInput.batches` + `pipeline.train.batch_targets`, exactly what `train` calls);
 - online: the teacher (`TeacherRunner`) runs on the same views every step, then the same student + head step;
 - ce: the plain student with cross-entropy (no teacher, no head);
 - in-memory: student inputs (views applied) and targets precomputed on the device; only the model step is timed;
@@ -18,6 +18,7 @@ Rounds alternate the variants; per-step time = best round (median in the JSON).
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -37,22 +38,12 @@ from benchlib import (
     write_results,
 )
 
+from pipeline.data import EpochPlan, MemoryInput, memory_input
 from pipeline.extract import ExtractConfig, TeacherRunner, extract
 from pipeline.objectives import ObjectiveConfig
 from pipeline.shards import ShardIndex
 from pipeline.store import open_cache
-from pipeline.train import (
-    Student,
-    TrainConfig,
-    TrainData,
-    _batch,
-    build_student,
-    epoch_plan,
-    epoch_views,
-    load_train_data,
-    param_groups,
-    targets_to,
-)
+from pipeline.train import Student, TrainConfig, batch_targets, build_student, param_groups, target_stats
 from pipeline.views import apply_views
 
 NAME = "cache_speedup"
@@ -136,35 +127,40 @@ def run_rounds(variants: dict[str, Callable[[int], None]], steps: int, rounds: i
 def measure(args, case: Case, device: torch.device) -> tuple[dict, dict]:
     """Per-step times of every variant for one case; returns (summary row, all round times)."""
     tdir, cache = ensure_cache(args, case, device)
-    data: TrainData = load_train_data(case.index.root, cache)
+    source: MemoryInput = memory_input(case.index.root, cache)
+    info = source.info
     runner = TeacherRunner(tdir, device, None)
     size, amp = case.input_size, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
     gendd_cfg, ce_cfg = train_config(args, case, "gendd"), train_config(args, case, "ce")
     torch.manual_seed(args.seed)
-    gendd = build_student(gendd_cfg, data, size).to(device).train()
-    ce = build_student(ce_cfg, replace(data, features=None), size).to(device).train()
+    gendd = build_student(gendd_cfg, info, size, target_stats(gendd_cfg, source)).to(device).train()
+    ce = build_student(ce_cfg, replace(info, feature_dim=None), size).to(device).train()
     opt_g = torch.optim.AdamW(param_groups(gendd, 0.05, gendd_cfg.head_lr_mult), lr=1e-3)
     opt_c = torch.optim.AdamW(param_groups(ce, 0.05, 1.0), lr=1e-3)
-    data = targets_to(data, device)  # where training keeps the targets (on a GPU: on the device when they fit)
-    order, view_index = epoch_plan(gendd_cfg, data, 0, 0, 1)
-    views = epoch_views(gendd_cfg, data, 0, view_index, data.images.shape[-1])
-    order, view_index, views = (t.to(data.labels.device) for t in (order, view_index, views))
-    images = data.images.to(device)
-    n_batches = max(1, len(order) // case.batch)
-    batches = [order[(b % n_batches) * case.batch : (b % n_batches + 1) * case.batch] for b in range(args.steps)]
+    source.place(device)  # where training keeps images and targets (on a GPU: on the device when they fit)
+    plan = EpochPlan(args.seed, 0, case.batch)
+    n_batches = max(1, info.n // case.batch)
+
+    def drawn() -> object:  # the memory mode's batches, drawn again and again as epochs would
+        while True:
+            yield from itertools.islice(source.batches(plan), n_batches)
+
+    stream = drawn()
+    batches = [next(stream) for _ in range(min(args.steps, n_batches))]
 
     def inputs(s: int) -> torch.Tensor:
-        idx = batches[s % len(batches)]
-        return apply_views(images[idx.to(device)], views[idx].to(device), size, data.mean, data.std)
+        b = batches[s % len(batches)]
+        return apply_views(b["images"].to(device), b["views"].to(device), size, info.mean, info.std)
 
     def cached(s: int) -> None:
-        idx = batches[s % len(batches)]
-        model_step(gendd, opt_g, inputs(s), _batch(data, idx, view_index, device), gendd_cfg, amp)
+        b = next(stream)
+        x = apply_views(b["images"].to(device), b["views"].to(device), size, info.mean, info.std)
+        model_step(gendd, opt_g, x, batch_targets(b, info, device, True), gendd_cfg, amp)
 
     def teacher_batch(s: int) -> dict:
-        idx = batches[s % len(batches)]
-        feats, logits = runner(images[idx.to(device)], views[idx].to(device))
-        labels = data.labels[idx].to(device)
+        b = batches[s % len(batches)]
+        feats, logits = runner(b["images"].to(device), b["views"].to(device))
+        labels = b["labels"].to(device)
         head = {"head_weight": runner.weight, "head_bias": runner.bias}
         return {"labels": labels, "teacher_features": feats, "teacher_logits": logits, **head}
 
@@ -172,11 +168,11 @@ def measure(args, case: Case, device: torch.device) -> tuple[dict, dict]:
         model_step(gendd, opt_g, inputs(s), teacher_batch(s), gendd_cfg, amp)
 
     def plain_ce(s: int) -> None:
-        idx = batches[s % len(batches)]
-        model_step(ce, opt_c, inputs(s), {"labels": data.labels[idx].to(device)}, ce_cfg, amp)
+        b = batches[s % len(batches)]
+        model_step(ce, opt_c, inputs(s), {"labels": b["labels"].to(device)}, ce_cfg, amp)
 
     # In memory: everything a step reads already sits on the device (inputs with views applied, targets).
-    ready = [(inputs(s), _batch(data, batches[s], view_index, device)) for s in range(len(batches))]
+    ready = [(inputs(s), batch_targets(batches[s], info, device, True)) for s in range(len(batches))]
     sync(device)
 
     def in_memory(s: int) -> None:
@@ -187,7 +183,7 @@ def measure(args, case: Case, device: torch.device) -> tuple[dict, dict]:
         inputs(s)
 
     def gather_only(s: int) -> None:
-        _batch(data, batches[s % len(batches)], view_index, device)
+        batch_targets(next(stream), info, device, True)
 
     # The generative head alone (forward + backward on fixed conditions and targets): its share of the step.
     z = torch.randn(case.batch, gendd.head.config.cond_dim, device=device, requires_grad=True)
@@ -218,9 +214,9 @@ def measure(args, case: Case, device: torch.device) -> tuple[dict, dict]:
     speedup = best["online"] / best["cached"]
     row = {
         "case": case.name,
-        "teacher": f"{case.teacher} (D_T {data.features.shape[-1]})",
+        "teacher": f"{case.teacher} (D_T {info.feature_dim})",
         "student": case.student,
-        "input": f"{data.images.shape[1]}x{size}px",
+        "input": f"{info.channels}x{size}px",
         "batch": case.batch,
         **{f"{name}_steps_per_s": 1.0 / best[name] for name in ("cached", "online", "ce", "in_memory")},
         "teacher_ms": 1e3 * best["teacher"],

@@ -12,7 +12,7 @@ import os
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +31,9 @@ from pipeline.views import ViewPolicy, apply_views, decode_shard_with_views
 class ExtractConfig:
     """What to extract, with which teacher, views and storage."""
 
-    shards: Path
+    shards: str | Path  # a local directory or a URL
     teacher: Path
-    out: Path
+    out: str | Path  # local only
     splits: tuple[str, ...] = ("train", "val")
     num_views: int = 8
     eval_views: int = 1  # views cached for splits other than train (the identity is enough to evaluate)
@@ -208,6 +208,10 @@ def extract(cfg: ExtractConfig) -> list[dict]:
     """Extract every requested split (resumable, multi-process under `accelerate launch`); marks stores complete."""
     from accelerate import Accelerator
 
+    from pipeline.locations import check_local_out, check_readable
+
+    check_readable(cfg.shards)
+    cfg = replace(cfg, out=check_local_out(cfg.out))
     # The decode processes start first and serve every split: forked before the teacher and CUDA are loaded, the
     # children are cheaper to fork and hold no CUDA state; one pool saves a second start-up for the val split.
     with _decoder(decode_workers(cfg.workers)) as reader:

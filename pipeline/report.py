@@ -87,10 +87,12 @@ def _plots(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
-def write_report(evals: Path, students: Path, out: Path, cache: Path | None = None) -> str:
+def write_report(evals: Path, students: Path, out: str | Path, cache: Path | None = None) -> str:
     """Write report.md, summary.json (DVC metrics), curves.csv (DVC plot) and PNG plots; return the Markdown."""
+    from pipeline.locations import check_local_out
     from pipeline.store import open_cache
 
+    out = check_local_out(out)
     rows = collect(evals, students)
     info = open_cache(cache, "train").info() if cache is not None else None
     table = markdown_table(rows, info)

@@ -259,11 +259,12 @@ def _start_run(cfg: TrainConfig, data: TrainInput, input_size: int, ckpt_path: P
     return run, start, history
 
 
-def _targets(run: _Run, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """What the objective reads, on the device: labels (supervised methods only), the teacher's outputs as float32."""
-    info = run.data.info
+def batch_targets(
+    batch: dict[str, torch.Tensor], info: InputInfo, device: torch.device, use_labels: bool
+) -> dict[str, torch.Tensor]:
+    """What the objective reads, on the device: labels (when `use_labels`), the teacher's outputs as float32."""
     out = {"head_weight": info.head_weight, "head_bias": info.head_bias}
-    if run.use_labels:
+    if use_labels:
         out["labels"] = batch["labels"]
     if "teacher_features" in batch:  # float16 up to here: half the bytes through the loader and the copy
         out["teacher_features"] = batch["teacher_features"].to(device, non_blocking=True).float()
@@ -304,7 +305,8 @@ def _train_epoch(run: _Run, cfg: TrainConfig, epoch: int, input_size: int) -> di
             pixels = batch["images"].to(device, non_blocking=True)
             x = apply_views(pixels, batch["views"].to(device, non_blocking=True), input_size, info.mean, info.std)
             with acc.autocast():
-                loss, logs = run.model(x, _targets(run, batch, device), cfg.objective, warm)
+                targets = batch_targets(batch, info, device, run.use_labels)
+                loss, logs = run.model(x, targets, cfg.objective, warm)
             run.optimizer.zero_grad(set_to_none=True)
             acc.backward(loss)
             run.optimizer.step()

@@ -8,9 +8,9 @@ import typer
 
 
 def command(
-    shards: Path = typer.Option(..., help="Image shard directory (gendd prepare --out)."),
+    shards: str = typer.Option(..., help="Image shard directory (gendd prepare --out)."),
     teacher: Path = typer.Option(..., help="Teacher directory (gendd teacher --out)."),
-    out: Path = typer.Option(..., help="Cache directory: <out>/<split>.zarr (or <split>-features/ shards)."),
+    out: str = typer.Option(..., help="Cache directory: <out>/<split>.zarr (or <split>-features/ shards)."),
     splits: str = typer.Option("train,val", help="Comma-separated splits to extract."),
     views: int = typer.Option(8, help="Views per training image (view 0 = the plain image)."),
     eval_views: int = typer.Option(1, help="Views per image for the other splits."),

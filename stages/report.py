@@ -10,7 +10,7 @@ import typer
 def command(
     evals: Path = typer.Option(..., help="Directory of <run>/metrics.json (gendd evaluate --out parents)."),
     students: Path = typer.Option(..., help="Directory of <run>/train.json (gendd distill --out parents)."),
-    out: Path = typer.Option(..., help="Directory for report.md, summary.json, curves.csv and plots."),
+    out: str = typer.Option(..., help="Directory for report.md, summary.json, curves.csv and plots."),
     cache: Path | None = typer.Option(None, help="Feature cache, for its size in the report."),
 ) -> None:
     """Write and print the comparison table."""

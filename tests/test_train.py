@@ -161,14 +161,14 @@ def test_unsupervised_methods_never_see_labels_even_in_the_warm_start(tmp_path: 
     import pipeline.train as train_module
 
     seen = []
-    real = train_module._targets
+    real = train_module.batch_targets
 
-    def spy(run, batch, device):
-        out = real(run, batch, device)
+    def spy(batch, info, device, use_labels):
+        out = real(batch, info, device, use_labels)
         seen.append("labels" in out)
         return out
 
-    monkeypatch.setattr(train_module, "_targets", spy)
+    monkeypatch.setattr(train_module, "batch_targets", spy)
     cfg = replace(TINY, method="gendd_unsup", objective=ObjectiveConfig("gendd_unsup", contraction=0.0), epochs=2)
     train(cfg, _data(), tmp_path, 8)  # labelled data, warm start on: the warm start matches teacher logits instead
     assert seen and not any(seen)
