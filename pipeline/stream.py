@@ -148,6 +148,7 @@ def _loader(dataset: IterableDataset, workers: int, pin: bool) -> Iterator[dict[
         pin_memory=pin,
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
+        generator=torch.Generator().manual_seed(0),  # its worker seeds (unused) must not draw on the global RNG
     )
     try:
         for batch in loader:

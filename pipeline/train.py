@@ -316,8 +316,11 @@ def _train_epoch(run: _Run, cfg: TrainConfig, epoch: int, input_size: int) -> di
             bar.update()
     bar.close()
     seconds = time.perf_counter() - started
+    if acc.num_processes > 1:  # samples every rank trained on: the stream mode's "each sample once" is checkable
+        images = int(acc.reduce(torch.tensor([images], device=device), reduction="sum"))
     means = {k: float(v) / max(steps, 1) for k, v in sums.items()}
-    return {"epoch": epoch + 1, "lr": lr, "seconds": seconds, "images_per_s": images / seconds, **means}
+    record = {"epoch": epoch + 1, "lr": lr, "seconds": seconds, "samples": images, "images_per_s": images / seconds}
+    return record | means
 
 
 def train(

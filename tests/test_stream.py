@@ -200,3 +200,58 @@ def test_unsupported_url_refused_in_one_line_with_nothing_written(tmp_path: Path
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "gendd: error:" in result.stderr
     assert ("ftp" if where == "shards" else "s3://bucket/student") in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no student dir, no ./s3:/bucket
+
+
+def test_streamed_training_resumes_to_the_same_weights(cached: tuple[ShardIndex, Path], tmp_path: Path, monkeypatch):
+    import pipeline.train as train_module
+    from pipeline.objectives import ObjectiveConfig
+    from pipeline.train import TrainConfig, train
+
+    shards, cache = cached
+    cfg = TrainConfig(
+        model="test_resnet",
+        objective=ObjectiveConfig("gendd"),
+        epochs=3,
+        batch_size=32,
+        head_token_dim=4,
+        head_width=32,
+        head_depth=1,
+        diffusion_batch_mul=1,
+        cpu=True,
+    )
+
+    def source() -> StreamInput:
+        return StreamInput(shards.root, cache, "train", DataOptions("stream", workers=1, shuffle_buffer=64))
+
+    whole, whole_history = train(cfg, source(), tmp_path / "whole", 8)
+    assert [h["samples"] for h in whole_history] == [shards.split("train").n] * 3  # every sample, every epoch
+    real_save = train_module._save_checkpoint
+
+    def killed_after_two_epochs(path, state):
+        real_save(path, state)
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(train_module, "_save_checkpoint", killed_after_two_epochs)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, source(), tmp_path / "resumed", 8)
+    monkeypatch.setattr(train_module, "_save_checkpoint", real_save)
+    resumed, history = train(cfg, source(), tmp_path / "resumed", 8)
+    assert history[-1]["loss"] == pytest.approx(whole_history[-1]["loss"], rel=1e-5)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+
+
+def test_two_process_ddp_streams_every_sample_once_without_hanging(cached: tuple[ShardIndex, Path], tmp_path: Path):
+    """accelerate launch, 2 CPU ranks (gloo): the shards split unevenly (64, 64, 64, 8 samples), the ranks finish
+    with different batch counts and join; every sample is trained on once per epoch."""
+    shards, cache = cached
+    out = tmp_path / "ddp"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "stages.app"]
+    args = ["distill", "--shards", str(shards.root), "--cache", str(cache), "--out", str(out), "--method", "gendd"]
+    args += [*TINY_DISTILL, "--epochs", "2", "--data", "stream", "--workers", "2", "--batch-size", "16"]
+    result = subprocess.run([*launch, *args], capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((out / "train.json").read_text())["history"]
+    assert [h["samples"] for h in history] == [shards.split("train").n] * 2
