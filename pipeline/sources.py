@@ -134,6 +134,9 @@ def _image_folder(spec: DataSpec, split: str) -> Iterator[Sample]:
     index = np.arange(len(files))
     if spec.imbalance_factor > 1.0 and split in spec.imbalance_splits:
         index = long_tail_indices(labels, spec.num_classes, spec.imbalance_factor)
+    # Folders list a class at a time: shards in that order would each hold one class, and a streamed epoch (shards
+    # shuffled, then a bounded shuffle buffer) would train on batches of a few classes. A seeded order mixes them.
+    index = np.random.default_rng(spec.seed).permutation(index)
     for i in index:
         path, label = files[i]
         try:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import GenddError
-from pipeline.shards import load_index, load_split, prepare_shards, read_shard
+from pipeline.shards import load_index, load_split, prepare_shards, read_shard, read_shard_labels
 from pipeline.sources import iter_source, long_tail_indices
 from pipeline.specs import load_spec
 
@@ -115,3 +115,24 @@ def test_missing_idx_files_say_how_to_get_them(tmp_path: Path) -> None:
     spec = load_spec(ROOT / "data_specs" / "fashion_mnist.yaml", source_path=str(tmp_path))
     with pytest.raises(GenddError, match="dataset-fashion-mnist"):
         next(iter_source(spec, "train"))
+
+
+def test_image_folder_shards_mix_classes(tmp_path: Path) -> None:
+    """Class folders are read in a seeded random order: every shard holds several classes (streaming needs it)."""
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for c, name in enumerate(["a", "b", "c"]):
+        (root / "train" / name).mkdir(parents=True)
+        for j in range(8):
+            Image.new("RGB", (10, 10), (c * 80, j * 20, 0)).save(root / "train" / name / f"{j}.png")
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(
+        f"name: folders\nsource: image_folder\npath: {root}\nsplits: {{train: train}}\nnum_classes: 3\n"
+        "image_size: 8\nchannels: 3\nmean: [0.5, 0.5, 0.5]\nstd: [0.25, 0.25, 0.25]\nlabeled: true\n"
+    )
+    index, _ = prepare_shards(load_spec(spec_file), tmp_path / "shards", shard_size=8)
+    shards = index.split("train")
+    per_shard = [set(read_shard_labels(shards.path(i))[1]) for i in range(len(shards.names))]
+    assert len(per_shard) == 3 and all(len(classes) > 1 for classes in per_shard)
+    assert sorted(shards.keys_and_labels()[0]) == sorted(f"{n}/{j}" for n in "abc" for j in range(8))
