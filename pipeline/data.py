@@ -82,7 +82,7 @@ class TrainInput(Protocol):
     def place(self, device: torch.device) -> None:
         """Move what lives on the device there (memory mode), once before training."""
 
-    def steps_per_epoch(self, epoch: int, batch_size: int, world: int) -> int:
+    def steps_per_epoch(self, seed: int, epoch: int, batch_size: int, world: int) -> int:
         """Optimiser steps of an epoch (the largest over ranks), known before it starts."""
 
     def batches(self, plan: EpochPlan) -> Iterator[dict[str, torch.Tensor]]:
@@ -243,7 +243,7 @@ class MemoryInput:
         self.images = self.data.images.to(device)
         self.data = targets_to(self.data, device)
 
-    def steps_per_epoch(self, epoch: int, batch_size: int, world: int) -> int:
+    def steps_per_epoch(self, seed: int, epoch: int, batch_size: int, world: int) -> int:
         """Every rank takes the same number of samples, N // world (the remainder is left out of that epoch)."""
         return math.ceil(self.info.n // world / batch_size)
 

@@ -211,12 +211,12 @@ class StreamInput:
         """Batches are pinned in host memory for an asynchronous copy to a GPU."""
         self.pin = device.type == "cuda"
 
-    def steps_per_epoch(self, epoch: int, batch_size: int, world: int) -> int:
+    def steps_per_epoch(self, seed: int, epoch: int, batch_size: int, world: int) -> int:
         """A worker yields ceil(its samples / batch) batches; a rank's steps are its workers' sum (max over ranks)."""
         counts = self.source.set.counts
         steps = 0
         for rank in range(world):
-            plan = EpochPlan(0, epoch, batch_size, rank, world)
+            plan = EpochPlan(seed, epoch, batch_size, rank, world)
             per_worker = [
                 sum(counts[i] for i in worker_shards(len(counts), plan, w, max(self.workers, 1)))
                 for w in range(max(self.workers, 1))

@@ -251,7 +251,7 @@ def _start_run(cfg: TrainConfig, data: TrainInput, input_size: int, ckpt_path: P
     has_proj = model.proj is not None
     model, optimizer = accelerator.prepare(model, optimizer)
     world = accelerator.num_processes
-    epoch_steps = [data.steps_per_epoch(e, cfg.batch_size, world) for e in range(cfg.epochs)]
+    epoch_steps = [data.steps_per_epoch(cfg.seed, e, cfg.batch_size, world) for e in range(cfg.epochs)]
     warmup = max(1, int(cfg.warmup_epochs * epoch_steps[0]))
     data.place(accelerator.device)
     use_labels = cfg.method in SUPERVISED and data.info.labeled

@@ -1,0 +1,347 @@
+"""Streaming: peak memory of `gendd distill` against the dataset size, and its throughput, --data stream vs memory.
+
+For each size (1x/4x/16x samples by default) the benchmark makes synthetic 3-channel image shards (train split only:
+no per-epoch evaluation, so training alone is measured) and a feature cache aligned with them, written directly with
+`FeatureCacheWriter` (K views from the rrc policy, ReLU-like float features, zstd). Then every (size, mode) runs the
+real CLI, `python -m stages.app distill ... --data MODE`, in a fresh process, one run at a time, while this process
+polls the run's process tree (the main process and its DataLoader workers) every --poll seconds: the sum of PSS
+(`/proc/<pid>/smaps_rollup`; pages shared copy-on-write by forked workers are split fairly, counted once), the sum
+of RSS (shared pages counted in every process), and the main process's own peak RSS (VmHWM). Throughput is the last
+epoch's images/s from `<out>/train.json` (the first epoch includes start-up). Streaming reads one shard and its cache
+chunk at a time through a bounded shuffle buffer, so its peak should stay flat while the memory mode's grows with N.
+
+  python benchmarks/bench_streaming.py --tag cpu                  # 1000 / 4000 / 16000 samples, 64 px, D_T=2048
+  python benchmarks/bench_streaming.py --sizes 200 800 --work /tmp/bs-tiny --tag tiny --out /tmp/bs-tiny-results
+  python benchmarks/bench_streaming.py --sizes 4000 16000 64000 --feature-dim 2048 --epochs 1 --tag big
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+from benchlib import (
+    ROOT,
+    _write_idx,
+    fresh_dir,
+    machine,
+    make_parser,
+    result_name,
+    setup,
+    synthetic_images,
+    write_results,
+)
+
+from pipeline.shards import ShardIndex, prepare_shards
+from pipeline.specs import load_spec
+from pipeline.store import CacheMeta, FeatureCacheWriter
+from pipeline.views import ViewPolicy, sample_views
+
+NAME = "streaming"
+MODES = ("memory", "stream")
+MIB = 2**20
+
+
+# ---- data -----------------------------------------------------------------------------------------------------
+
+
+def image_shards(work: Path, n: int, size: int, shard_size: int, seed: int) -> ShardIndex:
+    """n synthetic RGB images (10 classes), train split only, as image shards; reused when already complete."""
+    name = f"stream-n{n}-s{size}-c3-sh{shard_size}"
+    root = work / name
+    if (root / "shards" / "index.json").is_file():
+        index, _ = prepare_shards(load_spec(root / "spec.yaml"), root / "shards", shard_size=shard_size)
+        return index
+    raw = fresh_dir(root / "raw")
+    rgb = np.stack([synthetic_images(n, size, seed + 7919 * c) for c in range(3)], axis=-1)  # (N, H, W, 3)
+    _write_idx(raw / "train-images-idx3-ubyte", rgb)
+    _write_idx(raw / "train-labels-idx1-ubyte", np.random.default_rng(seed).integers(0, 10, n).astype(np.uint8))
+    spec = (
+        f"name: {name}\nsource: idx\npath: {raw}\nsplits: {{train: train}}\nnum_classes: 10\nimage_size: {size}\n"
+        "channels: 3\nmean: [0.45, 0.45, 0.45]\nstd: [0.25, 0.25, 0.25]\nlabeled: true\n"
+    )
+    (root / "spec.yaml").write_text(spec)
+    index, _ = prepare_shards(load_spec(root / "spec.yaml"), root / "shards", shard_size=shard_size)
+    return index
+
+
+def feature_cache(index: ShardIndex, root: Path, args) -> Path:
+    """A zstd cache aligned chunk for shard with `index`'s train split: K rrc views, ReLU-like features (reused)."""
+    settings = {"spec_hash": index.spec_hash, "K": args.views, "D": args.feature_dim, "input": args.input_size}
+    settings |= {"seed": args.seed, "chunk_size": index.shard_size}
+    marker = root / "bench.json"
+    if marker.is_file() and json.loads(marker.read_text()) == settings:
+        return root
+    fresh_dir(root)
+    keys, labels = index.split("train").keys_and_labels()
+    n, c, d, k = len(keys), int(index.spec["num_classes"]), args.feature_dim, args.views
+    teacher = {"name": "synthetic", "checkpoint_sha256": "0" * 64, "feature_dim": d, "num_classes": c}
+    teacher |= {"input_size": args.input_size, "mean": tuple(index.spec["mean"]), "std": tuple(index.spec["std"])}
+    meta = CacheMeta(
+        teacher=teacher,
+        dataset={"name": index.spec["name"], "spec_hash": index.spec_hash, "split": "train", "n": n},
+        views={"K": k, "policy": ViewPolicy().to_dict(), "seed": args.seed},
+        codec="zstd",
+    )
+    rng = np.random.default_rng(args.seed)
+    writer = FeatureCacheWriter.open(
+        root,
+        "train",
+        meta,
+        chunk_size=index.shard_size,
+        keys=keys,
+        labels=np.asarray(labels),
+        head_weight=rng.standard_normal((c, d)).astype(np.float32),
+        head_bias=np.zeros(c, np.float32),
+        fmt="zarr",
+    )
+    for i in range(writer.n_chunks):
+        start, stop = i * index.shard_size, min(n, (i + 1) * index.shard_size)
+        features = np.abs(rng.standard_normal((stop - start, k, d), dtype=np.float32))  # post-ReLU-like, >= 0
+        logits = rng.standard_normal((stop - start, k, c), dtype=np.float32) * 3
+        views = sample_views(keys[start:stop], k, ViewPolicy(), args.seed, int(index.spec["image_size"]))
+        writer.write_chunk(i, features, logits, views)
+    if not writer.finalize():
+        raise SystemExit(f"{root}: the cache is incomplete after writing every chunk")
+    marker.write_text(json.dumps(settings))
+    return root
+
+
+# ---- one measured run -----------------------------------------------------------------------------------------
+
+
+def _pss_kib(pid: int) -> int:
+    """PSS of one process (KiB), 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _hwm_kib(pid: int) -> int:
+    """Peak RSS (VmHWM, KiB) of one process so far, 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class _Trace:
+    """What the polls of one run saw: peaks of the process tree, before and during training, CPU seconds per process."""
+
+    def __init__(self, pid: int, log: Path) -> None:
+        self.main, self.log, self.started = psutil.Process(pid), log, time.perf_counter()
+        self.peak = {"pss": 0, "rss": 0, "procs": 0, "hwm": 0}
+        self.pss_before_train = 0  # KiB: the peak up to the first training step (loading, target statistics)
+        self.train_at: float | None = None  # seconds from the start to the first progress line of epoch 1
+        self.cpu: dict[int, float] = {}  # pid -> user + system seconds at its last poll
+        self.timeline: list[tuple[float, float, int]] = []  # (s, tree PSS MiB, processes)
+
+    def poll(self) -> None:
+        """One reading of every process of the tree."""
+        try:
+            tree = [self.main, *self.main.children(recursive=True)]
+        except psutil.Error:
+            return
+        pss = rss = alive = 0
+        for proc in tree:
+            try:
+                rss += proc.memory_info().rss // 1024
+                times = proc.cpu_times()
+            except psutil.Error:
+                continue
+            self.cpu[proc.pid] = times.user + times.system
+            pss += _pss_kib(proc.pid)
+            alive += 1
+        now = {"pss": pss, "rss": rss, "procs": alive, "hwm": _hwm_kib(self.main.pid)}
+        self.peak = {key: max(value, now[key]) for key, value in self.peak.items()}  # VmHWM is itself a peak
+        at = time.perf_counter() - self.started
+        if self.train_at is None and "epoch 1/" in self.log.read_text(errors="replace"):
+            self.train_at = at
+        if self.train_at is None:
+            self.pss_before_train = max(self.pss_before_train, pss)
+        self.timeline.append((round(at, 2), round(pss / 1024, 1), alive))
+
+    def figures(self) -> dict:
+        """The row fields of this trace (MiB, seconds)."""
+        worst = max(self.timeline, key=lambda point: point[1], default=(0.0, 0.0, 0))
+        return {
+            "tree_pss_peak_mib": self.peak["pss"] / 1024,
+            "tree_rss_sum_peak_mib": self.peak["rss"] / 1024,
+            "main_maxrss_mib": self.peak["hwm"] / 1024,
+            "pss_peak_before_training_mib": self.pss_before_train / 1024,
+            "pss_peak_at_s": worst[0],
+            "training_starts_at_s": self.train_at,
+            "processes_max": self.peak["procs"],
+            "cpu_s_main": self.cpu.get(self.main.pid, 0.0),
+            "cpu_s_workers": sum(v for pid, v in self.cpu.items() if pid != self.main.pid),
+        }
+
+
+def distill_command(args, shards: Path, cache: Path, out: Path, mode: str) -> list[str]:
+    """The CLI call measured for one (size, mode)."""
+    command = [sys.executable, "-m", "stages.app", "distill", "--shards", str(shards), "--cache", str(cache)]
+    command += ["--out", str(out), "--student", args.student, "--method", "gendd", "--epochs", str(args.epochs)]
+    command += ["--batch-size", str(args.batch_size), "--cpu", "--data", mode, "--no-resume"]
+    command += ["--token-dim", "64", "--head-width", str(args.head_width), "--diffusion-batch-mul", "2"]
+    return [*command, "--workers", str(args.workers), "--shuffle-buffer", str(args.shuffle_buffer)]
+
+
+def measure(args, command: list[str], out: Path) -> dict:
+    """Run `command` in a fresh process, polling its tree's memory; peaks, wall time and the epochs' throughput."""
+    fresh_dir(out)
+    env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
+    load_before = os.getloadavg()[0]
+    with (out / "distill.log").open("w") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        trace = _Trace(proc.pid, out / "distill.log")
+        while proc.poll() is None:
+            trace.poll()
+            time.sleep(args.poll)
+    wall = time.perf_counter() - trace.started
+    text = (out / "distill.log").read_text(errors="replace")
+    if proc.returncode:
+        raise SystemExit(f"distill failed ({proc.returncode}): {' '.join(command)}\n{text[-3000:]}")
+    (out / "memory_timeline.json").write_text(json.dumps(trace.timeline))
+    history = json.loads((out / "train.json").read_text())["history"]
+    return trace.figures() | {
+        "images_per_s_epochs": [round(r["images_per_s"], 1) for r in history],
+        "seconds_epochs": [round(r["seconds"], 2) for r in history],
+        "images_per_s_last": history[-1]["images_per_s"],
+        "wall_s": wall,
+        "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "data_line": next((line for line in text.splitlines() if line.startswith("data: ")), ""),
+    }
+
+
+# ---- results --------------------------------------------------------------------------------------------------
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Peak memory (MiB) of the process tree against the dataset size, one line per mode, log-x."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the table is the result; the plot is a convenience
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode in MODES:
+        mine = [r for r in rows if r["mode"] == mode]
+        sizes = [r["samples"] for r in mine]
+        ax.plot(sizes, [r["tree_pss_peak_mib"] for r in mine], marker="o", label=f"{mode}: process tree (PSS)")
+        ax.plot(sizes, [r["main_maxrss_mib"] for r in mine], ls=":", marker=".", label=f"{mode}: main process RSS")
+    ax.set_xscale("log")
+    sizes = sorted({r["samples"] for r in rows})
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.minorticks_off()
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("training samples")
+    ax.set_ylabel("peak memory (MiB)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def ratios(rows: list[dict]) -> dict:
+    """The figures the targets are about, from this run's rows: memory growth per mode and stream/memory speed."""
+    by = {(r["mode"], r["samples"]): r for r in rows}
+    small, large = min(r["samples"] for r in rows), max(r["samples"] for r in rows)
+
+    def growth(mode: str, key: str = "tree_pss_peak_mib") -> float:
+        return by[(mode, large)][key] / by[(mode, small)][key]
+
+    return {
+        "size_ratio": large / small,
+        "rss_ratio": growth("stream"),
+        "rss_ratio_memory": growth("memory"),
+        "throughput_ratio": by[("stream", large)]["images_per_s_last"] / by[("memory", large)]["images_per_s_last"],
+        "rss_ratio_rss_sum": growth("stream", "tree_rss_sum_peak_mib"),
+        "rss_ratio_main_maxrss": growth("stream", "main_maxrss_mib"),
+        "rss_ratio_memory_main_maxrss": growth("memory", "main_maxrss_mib"),
+    }
+
+
+def main() -> None:
+    parser = make_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000], help="training samples")
+    parser.add_argument("--image-size", type=int, default=64, help="stored image side (px)")
+    parser.add_argument("--shard-size", type=int, default=500, help="samples per shard (= cache chunk)")
+    parser.add_argument("--views", type=int, default=4, help="cached views per sample (K)")
+    parser.add_argument("--feature-dim", type=int, default=2048, help="teacher feature dimension (D_T)")
+    parser.add_argument("--input-size", type=int, default=32, help="the teacher's (hence the student's) input size")
+    parser.add_argument("--student", default="test_resnet")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--head-width", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=-1, help="stream loader processes (-1: distill's auto)")
+    parser.add_argument("--shuffle-buffer", type=int, default=4096)
+    parser.add_argument("--poll", type=float, default=0.1, help="seconds between memory readings")
+    args = parser.parse_args()
+    device = setup(args)
+    rows = []
+    for n in sorted(args.sizes):
+        index = image_shards(args.work, n, args.image_size, args.shard_size, args.seed)
+        cache = feature_cache(index, index.root.parent / f"cache-k{args.views}-d{args.feature_dim}", args)
+        for mode in MODES:
+            command = distill_command(args, index.root, cache, args.work / "runs" / f"n{n}-{mode}", mode)
+            row = {"mode": mode, "samples": n, **measure(args, command, args.work / "runs" / f"n{n}-{mode}")}
+            rows.append(row)
+            print(
+                f"N={n} {mode}: tree PSS peak {row['tree_pss_peak_mib']:.0f} MiB (RSS sum "
+                f"{row['tree_rss_sum_peak_mib']:.0f}, main {row['main_maxrss_mib']:.0f}), "
+                f"{row['images_per_s_epochs']} images/s per epoch, {row['wall_s']:.1f} s",
+                flush=True,
+            )
+    found = ratios(rows)
+    checks = {
+        "rss_ratio": (found["rss_ratio"], "<=", 1.25, found["rss_ratio"] <= 1.25),
+        "throughput_ratio": (found["throughput_ratio"], ">=", 0.9, found["throughput_ratio"] >= 0.9),
+    }
+    for key, (value, op, target, met) in checks.items():
+        print(f"{key} = {value:.3f} (target {op} {target}): {'met' if met else 'MISSED'}")
+    print(f"rss_ratio_memory = {found['rss_ratio_memory']:.3f} (for contrast), size_ratio = {found['size_ratio']:g}")
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "work")} | {"channels": 3, "codec": "zstd"}
+    settings |= {"method": "gendd", "token_dim": 64, "diffusion_batch_mul": 2, "num_classes": 10}
+    summary = dict(found) | {
+        f"{key} target {op} {target}": "met" if met else "missed" for key, (_, op, target, met) in checks.items()
+    }
+    notes = [
+        f"synthetic {args.image_size}-px RGB images in shards of {args.shard_size} (train split only), a zstd cache "
+        f"aligned with them: K={args.views} rrc views, D_T={args.feature_dim} float features |N(0,1)|, 10 logits; "
+        f"student {args.student} at {args.input_size} px, gendd, {args.epochs} epochs, batch {args.batch_size}, "
+        f"OMP_NUM_THREADS={args.threads}; one fresh process per run, runs one at a time.",
+        "tree_pss_peak_mib: peak over the polls of the summed PSS of distill and its loader workers (shared pages "
+        "split between the processes sharing them); tree_rss_sum_peak_mib: the same with RSS (shared pages counted "
+        "in each process); main_maxrss_mib: the main process's VmHWM. images_per_s_last: the last epoch's.",
+        "rss_ratio: stream's tree PSS peak at the largest size over the smallest; rss_ratio_memory: the same for "
+        "--data memory; throughput_ratio: stream / memory images/s of the last epoch at the largest size.",
+    ]
+    name = result_name(NAME, args)
+    extra = found | {"rows": rows, "date": datetime.datetime.now().isoformat(timespec="seconds"), "settings": settings}
+    extra["command_line"] = " ".join(["python", *sys.argv])
+    write_results(args.out, name, machine(device), {"peak memory and throughput per run": rows}, summary, notes, extra)
+    plot(rows, args.out / f"{name}.png", f"distill peak memory, {args.image_size}-px RGB, D_T={args.feature_dim}")
+
+
+if __name__ == "__main__":
+    main()
