@@ -257,3 +257,27 @@ def test_two_process_ddp_streams_every_sample_once_without_hanging(cached: tuple
     assert result.returncode == 0, result.stderr[-3000:]
     history = json.loads((out / "train.json").read_text())["history"]
     assert [h["samples"] for h in history] == [shards.split("train").n] * 2
+
+
+def test_auto_holds_in_memory_only_what_fits_comfortably(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.data as data_module
+    from pipeline.data import choose_mode
+
+    sizes = {"images": 300 * 2**20, "features": 200 * 2**20, "logits": 0, "views": 0}
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(data_module, "available_host_bytes", lambda: 1000 * 2**20)
+    mode, line = choose_mode("auto", sizes, cpu, "train")
+    assert mode == "stream" and "needs 500 MiB (images 300 MiB + features 200 MiB)" in line and "(chosen)" in line
+    assert choose_mode("memory", sizes, cpu, "train")[0] == "memory"  # an explicit choice is kept
+    monkeypatch.setattr(data_module, "available_host_bytes", lambda: 2000 * 2**20)
+    assert choose_mode("auto", sizes, cpu, "train")[0] == "memory"
+    with pytest.raises(GenddError, match="choose one of auto, memory, stream"):
+        DataOptions("disk")
+
+
+def test_footprint_counts_images_and_float16_targets(digits_shards: ShardIndex) -> None:
+    from pipeline.data import footprint
+
+    n = digits_shards.split("train").n
+    sizes = footprint(digits_shards, "train", 4, 512, 10)
+    assert sizes == {"images": n * 8 * 8, "features": n * 4 * 512 * 2, "logits": n * 4 * 10 * 2, "views": n * 4 * 20}
