@@ -210,9 +210,11 @@ def measure(args, command: list[str], out: Path) -> dict:
     with (out / "distill.log").open("w") as log:
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         trace = _Trace(proc.pid, out / "distill.log")
+        cpu = time.process_time()
         while proc.poll() is None:
             trace.poll()
             time.sleep(args.poll)
+        poll_cpu = time.process_time() - cpu  # what the polls took from the 2 cores the run shares
     wall = time.perf_counter() - trace.started
     text = (out / "distill.log").read_text(errors="replace")
     if proc.returncode:
@@ -224,6 +226,7 @@ def measure(args, command: list[str], out: Path) -> dict:
         "seconds_epochs": [round(r["seconds"], 2) for r in history],
         "images_per_s_last": history[-1]["images_per_s"],
         "wall_s": wall,
+        "poll_cpu_s": poll_cpu,
         "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "data_line": next((line for line in text.splitlines() if line.startswith("data: ")), ""),
     }
@@ -242,11 +245,12 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     except ImportError:  # the table is the result; the plot is a convenience
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for mode in MODES:
+    for color, mode in zip(("C0", "C1"), MODES, strict=True):
         mine = [r for r in rows if r["mode"] == mode]
         sizes = [r["samples"] for r in mine]
-        ax.plot(sizes, [r["tree_pss_peak_mib"] for r in mine], marker="o", label=f"{mode}: process tree (PSS)")
-        ax.plot(sizes, [r["main_maxrss_mib"] for r in mine], ls=":", marker=".", label=f"{mode}: main process RSS")
+        ax.plot(sizes, [r["tree_pss_peak_mib"] for r in mine], c=color, marker="o", label=f"{mode}: process tree (PSS)")
+        main_rss = [r["main_maxrss_mib"] for r in mine]
+        ax.plot(sizes, main_rss, c=color, ls=":", marker=".", label=f"{mode}: main process peak RSS")
     ax.set_xscale("log")
     sizes = sorted({r["samples"] for r in rows})
     ax.set_xticks(sizes, [str(n) for n in sizes])
