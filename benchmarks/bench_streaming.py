@@ -4,15 +4,19 @@ For each size (1x/4x/16x samples by default) the benchmark makes synthetic 3-cha
 no per-epoch evaluation, so training alone is measured) and a feature cache aligned with them, written directly with
 `FeatureCacheWriter` (K views from the rrc policy, ReLU-like float features, zstd). Then every (size, mode) runs the
 real CLI, `python -m stages.app distill ... --data MODE`, in a fresh process, one run at a time, while this process
-polls the run's process tree (the main process and its DataLoader workers) every --poll seconds: the sum of PSS
-(`/proc/<pid>/smaps_rollup`; pages shared copy-on-write by forked workers are split fairly, counted once), the sum
-of RSS (shared pages counted in every process), and the main process's own peak RSS (VmHWM). Throughput is the last
-epoch's images/s from `<out>/train.json` (the first epoch includes start-up). Streaming reads one shard and its cache
-chunk at a time through a bounded shuffle buffer, so its peak should stay flat while the memory mode's grows with N.
+polls the run's process tree (the main process and its DataLoader workers) every --poll seconds: the sum of RSS
+(shared pages counted in every process), the main process's own peak RSS (VmHWM), and the sum of PSS
+(`/proc/<pid>/smaps_rollup`; pages shared copy-on-write by forked workers are split fairly, counted once; read less
+often, see `_Trace`). Throughput is the last epoch's images/s from `<out>/train.json` (the first epoch includes
+start-up). Streaming reads one shard and its cache chunk at a time through a bounded shuffle buffer (4096 samples by
+default: below that size the buffer holds the whole split), so its peak should stay flat while the memory mode's
+grows with N. Use at least 2 epochs: each epoch forks its loader workers anew, and from the second epoch on they are
+forked from a trainer that already holds its working heap.
 
-  python benchmarks/bench_streaming.py --tag cpu                  # 1000 / 4000 / 16000 samples, 64 px, D_T=2048
-  python benchmarks/bench_streaming.py --sizes 200 800 --work /tmp/bs-tiny --tag tiny --out /tmp/bs-tiny-results
-  python benchmarks/bench_streaming.py --sizes 4000 16000 64000 --feature-dim 2048 --epochs 1 --tag big
+  # results/streaming_cpu.*: 8000 samples at 128 px instead of 16000 at 64 px (same data bytes at 16x, half the time)
+  python benchmarks/bench_streaming.py --sizes 500 2000 8000 --image-size 128 --tag cpu
+  python benchmarks/bench_streaming.py                            # 1000 / 4000 / 16000 samples, 64 px, D_T=2048
+  python benchmarks/bench_streaming.py --sizes 200 400 --work /tmp/bs-tiny --tag tiny --out /tmp/bs-tiny-results
 """
 
 from __future__ import annotations
@@ -142,23 +146,30 @@ def _hwm_kib(pid: int) -> int:
 
 
 class _Trace:
-    """What the polls of one run saw: peaks of the process tree, before and during training, CPU seconds per process."""
+    """What the polls of one run saw: peaks of the process tree, before and during training, CPU seconds per process.
 
-    def __init__(self, pid: int, log: Path) -> None:
+    RSS, VmHWM and CPU times are cheap and read at every poll. PSS is not (smaps_rollup walks the page tables: ~50 ms
+    for a 2 GB trainer here), so it is read when the tree's RSS reaches a new high (+2%) and otherwise at intervals
+    that keep its cost under `pss_share` of one core: a 10 Hz PSS poll would take ~30% of a core from the run.
+    """
+
+    def __init__(self, pid: int, log: Path, pss_share: float) -> None:
         self.main, self.log, self.started = psutil.Process(pid), log, time.perf_counter()
+        self.pss_share = pss_share
         self.peak = {"pss": 0, "rss": 0, "procs": 0, "hwm": 0}
         self.pss_before_train = 0  # KiB: the peak up to the first training step (loading, target statistics)
         self.train_at: float | None = None  # seconds from the start to the first progress line of epoch 1
         self.cpu: dict[int, float] = {}  # pid -> user + system seconds at its last poll
-        self.timeline: list[tuple[float, float, int]] = []  # (s, tree PSS MiB, processes)
+        self.timeline: list[tuple[float, float, float, int]] = []  # (s, tree PSS MiB, tree RSS MiB, processes)
+        self.rss_mark, self.pss_due = 0, 0.0
 
     def poll(self) -> None:
-        """One reading of every process of the tree."""
+        """One reading of the tree: RSS, VmHWM and CPU times; PSS when the tree grew or a reading is due."""
         try:
             tree = [self.main, *self.main.children(recursive=True)]
         except psutil.Error:
             return
-        pss = rss = alive = 0
+        rss, alive = 0, []
         for proc in tree:
             try:
                 rss += proc.memory_info().rss // 1024
@@ -166,16 +177,25 @@ class _Trace:
             except psutil.Error:
                 continue
             self.cpu[proc.pid] = times.user + times.system
-            pss += _pss_kib(proc.pid)
-            alive += 1
-        now = {"pss": pss, "rss": rss, "procs": alive, "hwm": _hwm_kib(self.main.pid)}
-        self.peak = {key: max(value, now[key]) for key, value in self.peak.items()}  # VmHWM is itself a peak
+            alive.append(proc.pid)
+        now = {"rss": rss, "procs": len(alive), "hwm": _hwm_kib(self.main.pid)}
+        self.peak |= {key: max(self.peak[key], value) for key, value in now.items()}  # VmHWM is itself a peak
         at = time.perf_counter() - self.started
         if self.train_at is None and "epoch 1/" in self.log.read_text(errors="replace"):
             self.train_at = at
+        if rss > 1.02 * self.rss_mark or at >= self.pss_due:
+            self.rss_mark = max(self.rss_mark, rss)
+            self._read_pss(alive, rss, at)
+
+    def _read_pss(self, pids: list[int], rss: int, at: float) -> None:
+        cost = time.perf_counter()
+        pss = sum(_pss_kib(pid) for pid in pids)
+        cost = time.perf_counter() - cost
+        self.pss_due = at + cost / self.pss_share
+        self.peak["pss"] = max(self.peak["pss"], pss)
         if self.train_at is None:
             self.pss_before_train = max(self.pss_before_train, pss)
-        self.timeline.append((round(at, 2), round(pss / 1024, 1), alive))
+        self.timeline.append((round(at, 2), round(pss / 1024, 1), round(rss / 1024, 1), len(pids)))
 
     def figures(self) -> dict:
         """The row fields of this trace (MiB, seconds)."""
@@ -188,6 +208,7 @@ class _Trace:
             "pss_peak_at_s": worst[0],
             "training_starts_at_s": self.train_at,
             "processes_max": self.peak["procs"],
+            "pss_readings": len(self.timeline),
             "cpu_s_main": self.cpu.get(self.main.pid, 0.0),
             "cpu_s_workers": sum(v for pid, v in self.cpu.items() if pid != self.main.pid),
         }
@@ -209,7 +230,7 @@ def measure(args, command: list[str], out: Path) -> dict:
     load_before = os.getloadavg()[0]
     with (out / "distill.log").open("w") as log:
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        trace = _Trace(proc.pid, out / "distill.log")
+        trace = _Trace(proc.pid, out / "distill.log", args.pss_cpu_share)
         cpu = time.process_time()
         while proc.poll() is None:
             trace.poll()
@@ -285,7 +306,8 @@ def ratios(rows: list[dict]) -> dict:
     }
 
 
-def main() -> None:
+def parse_args():
+    """The benchmark's options (benchlib's common ones plus data, student and polling settings)."""
     parser = make_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000], help="training samples")
     parser.add_argument("--image-size", type=int, default=64, help="stored image side (px)")
@@ -300,8 +322,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=-1, help="stream loader processes (-1: distill's auto)")
     parser.add_argument("--shuffle-buffer", type=int, default=4096)
     parser.add_argument("--poll", type=float, default=0.1, help="seconds between memory readings")
-    args = parser.parse_args()
-    device = setup(args)
+    parser.add_argument("--pss-cpu-share", type=float, default=0.05, help="PSS readings' budget (share of one core)")
+    return parser.parse_args()
+
+
+def run_all(args) -> list[dict]:
+    """Data per size (made once), then one measured distill run per (size, mode), one at a time."""
     rows = []
     for n in sorted(args.sizes):
         index = image_shards(args.work, n, args.image_size, args.shard_size, args.seed)
@@ -316,6 +342,34 @@ def main() -> None:
                 f"{row['images_per_s_epochs']} images/s per epoch, {row['wall_s']:.1f} s",
                 flush=True,
             )
+    return rows
+
+
+def notes_for(args) -> list[str]:
+    """What the result files' columns mean and how the data was made."""
+    return [
+        f"synthetic {args.image_size}-px RGB images in shards of {args.shard_size} (train split only), a zstd cache "
+        f"aligned with them: K={args.views} rrc views, D_T={args.feature_dim} float features |N(0,1)|, 10 logits; "
+        f"student {args.student} at {args.input_size} px, gendd, {args.epochs} epochs, batch {args.batch_size}, "
+        f"OMP_NUM_THREADS={args.threads}; one fresh process per run, runs one at a time.",
+        "tree_pss_peak_mib: peak over the polls of the summed PSS of distill and its loader workers (shared pages "
+        "split between the processes sharing them); tree_rss_sum_peak_mib: the same with RSS (shared pages counted "
+        "in each process); main_maxrss_mib: the main process's VmHWM. images_per_s_last: the last epoch's. PSS is "
+        f"read when the tree's RSS reaches a new high and otherwise within {args.pss_cpu_share:.0%} of one core "
+        "(pss_readings); poll_cpu_s: what all readings cost this process.",
+        "cpu_s_main / cpu_s_workers: user + system CPU seconds of the trainer and of its loader workers (whole run); "
+        "pss_peak_before_training_mib: peak up to epoch 1 (loading, target statistics); pss_peak_at_s: when the "
+        "peak PSS reading was taken (seconds from the start). Every run's PSS timeline: <work>/runs/*/memory_timeline"
+        ".json.",
+        "rss_ratio: stream's tree PSS peak at the largest size over the smallest; rss_ratio_memory: the same for "
+        "--data memory; throughput_ratio: stream / memory images/s of the last epoch at the largest size.",
+    ]
+
+
+def main() -> None:
+    args = parse_args()
+    device = setup(args)
+    rows = run_all(args)
     found = ratios(rows)
     checks = {
         "rss_ratio": (found["rss_ratio"], "<=", 1.25, found["rss_ratio"] <= 1.25),
@@ -329,21 +383,11 @@ def main() -> None:
     summary = dict(found) | {
         f"{key} target {op} {target}": "met" if met else "missed" for key, (_, op, target, met) in checks.items()
     }
-    notes = [
-        f"synthetic {args.image_size}-px RGB images in shards of {args.shard_size} (train split only), a zstd cache "
-        f"aligned with them: K={args.views} rrc views, D_T={args.feature_dim} float features |N(0,1)|, 10 logits; "
-        f"student {args.student} at {args.input_size} px, gendd, {args.epochs} epochs, batch {args.batch_size}, "
-        f"OMP_NUM_THREADS={args.threads}; one fresh process per run, runs one at a time.",
-        "tree_pss_peak_mib: peak over the polls of the summed PSS of distill and its loader workers (shared pages "
-        "split between the processes sharing them); tree_rss_sum_peak_mib: the same with RSS (shared pages counted "
-        "in each process); main_maxrss_mib: the main process's VmHWM. images_per_s_last: the last epoch's.",
-        "rss_ratio: stream's tree PSS peak at the largest size over the smallest; rss_ratio_memory: the same for "
-        "--data memory; throughput_ratio: stream / memory images/s of the last epoch at the largest size.",
-    ]
     name = result_name(NAME, args)
     extra = found | {"rows": rows, "date": datetime.datetime.now().isoformat(timespec="seconds"), "settings": settings}
     extra["command_line"] = " ".join(["python", *sys.argv])
-    write_results(args.out, name, machine(device), {"peak memory and throughput per run": rows}, summary, notes, extra)
+    tables = {"peak memory and throughput per run": rows}
+    write_results(args.out, name, machine(device), tables, summary, notes_for(args), extra)
     plot(rows, args.out / f"{name}.png", f"distill peak memory, {args.image_size}-px RGB, D_T={args.feature_dim}")
 
 
