@@ -82,6 +82,9 @@ class TrainInput(Protocol):
     def place(self, device: torch.device) -> None:
         """Move what lives on the device there (memory mode), once before training."""
 
+    def start(self, plan: EpochPlan, device: torch.device | None = None) -> None:
+        """Get ready to serve a run with this plan on `device` (the stream mode starts its loader workers)."""
+
     def steps_per_epoch(self, seed: int, epoch: int, batch_size: int, world: int) -> int:
         """Optimiser steps of an epoch (the largest over ranks), known before it starts."""
 
@@ -242,6 +245,9 @@ class MemoryInput:
         """Images to the device (small sets live there whole: batches are gathers); targets per `targets_to`."""
         self.images = self.data.images.to(device)
         self.data = targets_to(self.data, device)
+
+    def start(self, plan: EpochPlan, device: torch.device | None = None) -> None:
+        """Nothing to start: the split is in memory."""
 
     def steps_per_epoch(self, seed: int, epoch: int, batch_size: int, world: int) -> int:
         """Every rank takes the same number of samples, N // world (the remainder is left out of that epoch)."""

@@ -195,20 +195,22 @@ def val_probe_evaluator(
         print(line, flush=True)
     held = load_split(index.split("val")) if mode == "memory" else None
     num_classes = int(index.spec["num_classes"])
-
-    def evaluate_fn(student: nn.Module) -> dict:
+    streamed = None
+    if held is None:  # made now, before training: its loader workers start while the trainer is still small
         from pipeline.stream import stream_eval_batches
 
+        streamed = stream_eval_batches(shards, None, "val", 256, options.workers, device.type == "cuda")[1]
+
+    def evaluate_fn(student: nn.Module) -> dict:
         was_training = student.training
         student = student.to(device).eval()
         tally = Tally(num_classes)
+        batches = streamed
         if held is not None:
             batches = (
                 {"images": held.images[i : i + 256], "labels": held.labels[i : i + 256]}
                 for i in range(0, len(held.labels), 256)
             )
-        else:
-            batches = stream_eval_batches(shards, None, "val", 256, options.workers)[1]
         with torch.no_grad():
             for batch in batches:
                 tally.add(predict_batch(student, batch["images"].to(device), size, mean, std)["probe"], batch["labels"])

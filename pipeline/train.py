@@ -235,6 +235,9 @@ def _start_run(cfg: TrainConfig, data: TrainInput, input_size: int, ckpt_path: P
     # With a warm start, the head idles in stage 1 and the projection afterwards: DDP must allow unused parameters.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.warmstart_epochs > 0)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu, kwargs_handlers=[ddp])
+    # Before the model exists: stream loader workers forked now share little that training rewrites (stream.py).
+    plan = EpochPlan(cfg.seed, 0, cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.policy)
+    data.start(plan, accelerator.device)
     torch.manual_seed(cfg.seed)
     stats = target_stats(cfg, data) if cfg.method in USES_HEAD and cfg.target_norm else None
     model = build_student(cfg, data.info, input_size, stats)
