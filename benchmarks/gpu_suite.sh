@@ -36,12 +36,13 @@ run() {
   echo "   ($((SECONDS - started)) s)"
 }
 if [ "${SMALL:-0}" = 1 ]; then  # a dry run of the suite's commands at CPU sizes
-  N=200; N224=8; LN=16; SIZES=(500 1000 2000); SHARD=100; SEEDS=1; MP=no
+  N=200; N224=8; LN=16; SIZES=(500 1000 2000); SHARD=100; SEEDS=1; MP=no; STREAM_SIZES=(100 400 1600)
   ACC_PROFILE=${ACC_PROFILE:-tiny}; ACC_JOBS=${ACC_JOBS:-2}
   T32=(test_resnet); T224=(test_resnet); TSTORE=(test_resnet)
   CACHE=(--batch 64 --large-n 16 --large-batch 8 --large-views 2 --steps 2 --rounds 2)
 else
   N=${N:-20000}; N224=2048; LN=512; SIZES=(5000 20000 80000); SHARD=1000; SEEDS=5; MP=bf16
+  STREAM_SIZES=(2000 8000 32000)
   read -r -a T32 <<<"${T32_TEACHERS:-resnet18 resnet50}"; T224=(resnet50 vit_base_patch16_224); TSTORE=(resnet18 resnet50)
   CACHE=(--batch 256 --large-n 512 --large-batch 64 --large-views 2 --steps 10 --rounds 3)
 fi
@@ -103,6 +104,8 @@ run storage benchmarks/bench_storage.py --teachers "${TSTORE[@]}" --views 8
 run sampling benchmarks/bench_sampling.py --seeds "$SEEDS"
 # 5. scaling: 1x / 4x / 16x samples, streaming
 run scaling benchmarks/bench_scaling.py --sizes "${SIZES[@]}" --shard-size "$SHARD" --no-tracemalloc
+# 6. streaming: distill --data stream vs memory at 1x / 4x / 16x samples, peak memory and images/s (docs/streaming.md)
+run streaming benchmarks/bench_streaming.py --sizes "${STREAM_SIZES[@]}" --image-size 128 --threads 8 --tag gpu
 echo "results in $OUT"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "failed: ${failed[*]} (see $OUT/<name>.log)"
