@@ -82,10 +82,12 @@ class _Buffer:
     """Samples of several shards waiting to be batched; batches are drawn from it at random (a shuffle buffer)."""
 
     def __init__(self, rng: np.random.Generator) -> None:
-        self.rng, self.rows = rng, []  # rows: (block, row in block)
+        self.rng, self.rows = rng, []  # rows: one dict of per-sample arrays each
 
     def add(self, block: dict[str, np.ndarray]) -> None:
-        self.rows.extend((block, r) for r in range(len(block["index"])))
+        # Copies, not views: a view would keep its whole decoded shard alive while any of its samples waits here,
+        # and with random draws several shards would (measured: memory growing with the number of shards).
+        self.rows.extend({name: value[r].copy() for name, value in block.items()} for r in range(len(block["index"])))
 
     def take(self, size: int) -> dict[str, np.ndarray]:
         """`size` random samples, removed from the buffer, stacked per field."""
@@ -95,7 +97,7 @@ class _Buffer:
             taken.append(self.rows[p])
             self.rows[p] = self.rows[-1]
             self.rows.pop()
-        return {name: np.stack([block[name][r] for block, r in taken]) for name in taken[0][0]}
+        return {name: np.stack([row[name] for row in taken]) for name in taken[0]}
 
 
 class ShardStream(IterableDataset):
