@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -25,6 +26,7 @@ if TYPE_CHECKING:  # imported where tensors are built: shard-decode processes st
     import torch
 
 INDEX = "index.json"
+TAR_MTIME = 946684800  # 2000-01-01: a fixed member mtime makes a shard's bytes a function of its samples only
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,10 @@ class ShardSet:
     counts: tuple[int, ...]
     starts: tuple[int, ...]
     keys_file: str | None = None  # keys and labels of the split in order (JSON); absent in shards from before it
+    sizes: tuple[int, ...] = ()  # byte size of each shard as prepare wrote it; empty in indexes from before it
+    hashes: tuple[str, ...] = ()  # sha256 (hex) of each shard as prepare wrote it; empty in indexes from before it
+    keys_size: int | None = None  # byte size and sha256 of the keys file, likewise
+    keys_hash: str | None = None
 
     @property
     def n(self) -> int:
@@ -96,15 +102,37 @@ def _encode(sample: Sample) -> dict:
     return record
 
 
-def _write_shard(path: Path, samples: list[Sample]) -> None:
-    """Write to a temporary name and rename: a crash never leaves a half shard under the final name."""
+def file_digest(path: Path) -> tuple[int, str]:
+    """(byte size, sha256 hex) of a local file, read in 1 MiB blocks: shards can be gigabytes."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
+
+
+def _replace_if_changed(tmp: Path, path: Path) -> tuple[tuple[int, str], bool]:
+    """Move a freshly written `tmp` to `path` unless `path` already holds the same bytes (its mtime is then kept);
+    returns the file's (size, sha256) and whether `path` changed."""
+    digest = file_digest(tmp)
+    if path.is_file() and file_digest(path) == digest:
+        tmp.unlink()
+        return digest, False
+    os.replace(tmp, path)
+    return digest, True
+
+
+def _write_shard(path: Path, samples: list[Sample]) -> tuple[tuple[int, str], bool]:
+    """Write to a temporary name and rename: a crash never leaves a half shard under the final name. Returns the
+    shard's (size, sha256) and whether the file changed (an identical shard of a killed run is kept as it is)."""
     import webdataset as wds
 
     tmp = path.with_suffix(".tar.tmp")
-    with open(tmp, "wb") as handle, wds.TarWriter(handle) as writer:
+    with open(tmp, "wb") as handle, wds.TarWriter(handle, mtime=TAR_MTIME) as writer:
         for sample in samples:
             writer.write(_encode(sample))
-    os.replace(tmp, path)
+    return _replace_if_changed(tmp, path)
 
 
 def _batched(items: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
@@ -113,8 +141,26 @@ def _batched(items: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
         yield chunk
 
 
-def _write_split(spec: DataSpec, split: str, root: Path, shard_size: int, max_samples: int | None) -> dict:
-    names, counts, starts, seen, labels = [], [], [], {}, []
+def _check_label(spec: DataSpec, split: str, sample: Sample) -> None:
+    """A labeled spec's samples must carry a label in [0, num_classes): anything else would train on garbage."""
+    if not spec.labeled or 0 <= sample.label < spec.num_classes:
+        return
+    where = f"spec {spec.name}: split {split!r} sample {sample.key!r}"
+    if sample.label < 0:
+        raise GenddError(f"{where} has no label but the spec is labeled: add labels to the data or set labeled: false")
+    raise GenddError(
+        f"{where} has label {sample.label}, outside [0, {spec.num_classes}): fix num_classes in the spec or the label "
+        "in the data"
+    )
+
+
+def _write_split(
+    spec: DataSpec, split: str, root: Path, shard_size: int, max_samples: int | None, recorded: dict
+) -> tuple[dict, list[str]]:
+    """Write a split's shards and keys file; a shard already on disk is kept when it matches `recorded` (name ->
+    (size, sha256) from the previous index) or, unrecorded, the bytes it would be written with. Returns the split's
+    index entry and the names of recorded or existing files that had to be rewritten (missing or damaged)."""
+    names, counts, starts, sizes, hashes, seen, labels, redone = [], [], [], [], [], {}, [], []
     samples = islice(iter_source(spec, split), max_samples)
     with tqdm(desc=f"prepare {split}", unit="img", leave=False) as bar:
         for i, chunk in enumerate(_batched(samples, shard_size)):
@@ -124,20 +170,87 @@ def _write_split(spec: DataSpec, split: str, root: Path, shard_size: int, max_sa
                     raise GenddError(
                         f"spec {spec.name}: duplicate sample key {sample.key!r} in {split}; keys must be unique"
                     )
+                _check_label(spec, split, sample)
                 seen[sample.key] = None  # a dict: unique and in order (the keys file lists them)
                 labels.append(sample.label)
-            if not (root / name).is_file():  # shards are deterministic: a finished one from a killed run is kept
-                _write_shard(root / name, chunk)
+            path = root / name
+            existed = path.is_file()
+            if existed and name in recorded and file_digest(path) == tuple(recorded[name]):
+                digest = tuple(recorded[name])  # intact: shards are deterministic, so this is what we would write
+            else:
+                digest, changed = _write_shard(path, chunk)
+                if (changed and existed) or (name in recorded and not existed):
+                    redone.append(name)
             names.append(name)
             starts.append(sum(counts))
             counts.append(len(chunk))
+            sizes.append(digest[0])
+            hashes.append(digest[1])
             bar.update(len(chunk))
     if not counts:
         raise GenddError(f"spec {spec.name}: split {split!r} has no samples; check the source path and spec")
     # Keys and labels in one small file: extraction sizes its store from them without scanning every shard.
     keys_file = f"{split}-keys.json"
-    (root / keys_file).write_text(json.dumps({"keys": list(seen), "labels": labels}))
-    return {"shards": names, "counts": counts, "starts": starts, "n": sum(counts), "keys_file": keys_file}
+    existed = (root / keys_file).is_file()
+    tmp = root / (keys_file + ".tmp")
+    tmp.write_text(json.dumps({"keys": list(seen), "labels": labels}))
+    (keys_size, keys_hash), changed = _replace_if_changed(tmp, root / keys_file)
+    if changed and (existed or keys_file in recorded):
+        redone.append(keys_file)
+    entry = {"shards": names, "counts": counts, "starts": starts, "n": sum(counts), "keys_file": keys_file}
+    entry |= {"sizes": sizes, "sha256": hashes, "keys_size": keys_size, "keys_sha256": keys_hash}
+    return entry, redone
+
+
+def _recorded(entry: dict) -> dict[str, tuple[int, str]]:
+    """name -> (size, sha256) of every file of a split's index entry (shards and keys file)."""
+    files = dict(zip(entry["shards"], zip(entry["sizes"], entry["sha256"], strict=True), strict=True))
+    return files | {entry["keys_file"]: (entry["keys_size"], entry["keys_sha256"])}
+
+
+def _intact(root: Path, entry: dict) -> bool:
+    """Whether every file of a split is on disk with the size and sha256 index.json records (sizes first: cheap)."""
+    files = _recorded(entry)
+    if not all((root / n).is_file() and (root / n).stat().st_size == size for n, (size, _) in files.items()):
+        return False
+    return all(file_digest(root / n) == (size, sha) for n, (size, sha) in files.items())
+
+
+def _record_hash(record: dict) -> str:
+    """sha256 of an index record without its own checksum: a hand-edited index.json no longer matches it."""
+    body = {k: v for k, v in record.items() if k != "index_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=list).encode()).hexdigest()
+
+
+def _previous_splits(root: Path, signature: dict) -> tuple[dict, str | None]:
+    """The split entries of the index.json in `root` when it was written with these settings, records shard
+    hashes and is unedited; else {} and why it cannot be trusted (None when there is none, or other settings)."""
+    try:
+        raw = json.loads((root / INDEX).read_text())
+    except FileNotFoundError:
+        return {}, None
+    except (OSError, ValueError):
+        return {}, f"{root / INDEX} is unreadable"
+    if not isinstance(raw, dict) or any(raw.get(k) != v for k, v in signature.items()):
+        return {}, None
+    if "index_sha256" not in raw:
+        return {}, f"{root / INDEX} records no shard hashes (written by an older gendd)"
+    if raw["index_sha256"] != _record_hash(raw):
+        return {}, f"{root / INDEX} was edited or damaged (its checksum does not match)"
+    try:
+        splits = raw["splits"]
+        for entry in splits.values():
+            _recorded(entry)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return {}, f"{root / INDEX} lacks fields"
+    return splits, None
+
+
+def _read_marker(marker: Path) -> dict | None:
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def load_index(root: str | Path) -> ShardIndex:
@@ -148,42 +261,75 @@ def load_index(root: str | Path) -> ShardIndex:
         if locations.is_url(root):
             raise GenddError(f"{path} not found: check the URL, or run gendd prepare and upload its output there")
         raise GenddError(f"{path} not found; run `gendd prepare --spec <spec> --out {root}` first")
+    redo = "re-run gendd prepare" + ("" if locations.is_url(root) else f" --out {root}")
     try:
         raw = json.loads(locations.read_text(path))
     except ValueError as err:
-        raise GenddError(f"{path} is not valid JSON ({locations.one_line(err)}): re-run gendd prepare") from err
-    splits = {
-        name: ShardSet(root, name, tuple(s["shards"]), tuple(s["counts"]), tuple(s["starts"]), s.get("keys_file"))
-        for name, s in raw["splits"].items()
-    }
-    return ShardIndex(root, raw["spec"], raw["spec_hash"], raw["shard_size"], raw["max_samples"], splits)
+        raise GenddError(f"{path} is not valid JSON ({locations.one_line(err)}): {redo}") from err
+    try:
+        splits = {
+            name: ShardSet(
+                root,
+                name,
+                tuple(s["shards"]),
+                tuple(s["counts"]),
+                tuple(s["starts"]),
+                s.get("keys_file"),
+                tuple(s.get("sizes", ())),
+                tuple(s.get("sha256", ())),
+                s.get("keys_size"),
+                s.get("keys_sha256"),
+            )
+            for name, s in raw["splits"].items()
+        }
+        return ShardIndex(root, raw["spec"], raw["spec_hash"], raw["shard_size"], raw["max_samples"], splits)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise GenddError(f"{path} lacks field {locations.one_line(err)}: {redo}") from err
+
+
+def _summary(names: list[str], most: int = 5) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def prepare_shards(
     spec: DataSpec, out: str | Path, shard_size: int = 1000, max_samples: int | None = None
 ) -> tuple[ShardIndex, bool]:
-    """Write every split of `spec` as shards; returns (index, wrote) and writes nothing when already up to date."""
+    """Write every split of `spec` as shards; returns (index, wrote) and writes nothing when already up to date:
+    every shard and keys file on disk with the size and sha256 index.json records for these settings. A missing or
+    damaged shard is rewritten (shards are deterministic, so it comes back byte for byte) and `wrote` is True."""
     if shard_size < 1:
         raise GenddError(f"shard size must be >= 1, got {shard_size}")
     root = locations.check_local_out(out)
     signature = {"spec_hash": spec.spec_hash, "shard_size": shard_size, "max_samples": max_samples}
-    if (root / INDEX).is_file():
-        index = load_index(root)
-        whole = all(s.path(i).is_file() for s in index.splits.values() for i in range(len(s.names)))
-        whole = whole and all((s.root / s.keys_file).is_file() for s in index.splits.values() if s.keys_file)
-        if whole and (index.spec_hash, index.shard_size, index.max_samples) == tuple(signature.values()):
-            return index, False
+    previous, distrust = _previous_splits(root, signature)
+    intact = {split: split in previous and _intact(root, previous[split]) for split in spec.splits}
+    if previous and all(intact.values()) and set(previous) == set(spec.splits):
+        return load_index(root), False
+    if distrust:
+        print(f"note: {distrust}: checking every shard against the spec and rewriting index.json", flush=True)
     # The marker says which settings the shards on disk were made with: finished shards of a killed run with the
-    # same settings are kept (they are deterministic), anything else is cleared so no stale shard survives.
+    # same settings are kept when they hold the bytes they would be written with, anything else is cleared so no
+    # stale shard survives.
     marker = root / ".prepare.json"
-    if not marker.is_file() or json.loads(marker.read_text()) != signature:
+    if _read_marker(marker) != signature:
         for stale in [*root.glob("*.tar"), *root.glob("*-keys.json"), root / INDEX]:
             stale.unlink(missing_ok=True)
+        previous, intact = {}, dict.fromkeys(spec.splits, False)
     root.mkdir(parents=True, exist_ok=True)
+    (root / INDEX).unlink(missing_ok=True)  # written last again: while it is absent no stage trusts these shards
     marker.write_text(json.dumps(signature))
-    splits = {split: _write_split(spec, split, root, shard_size, max_samples) for split in spec.splits}
+    splits = {}
+    for split in spec.splits:
+        if intact[split]:
+            splits[split] = previous[split]  # every file as recorded: the source need not be read again
+            continue
+        recorded = _recorded(previous[split]) if split in previous else {}
+        splits[split], redone = _write_split(spec, split, root, shard_size, max_samples, recorded)
+        if redone:
+            print(f"note: rewrote {split} files that were missing or damaged: {_summary(redone)}", flush=True)
     spec_fields = {k: v for k, v in spec.__dict__.items() if k != "path"}
     record = {"spec": spec_fields, **signature, "splits": splits}
+    record["index_sha256"] = _record_hash(record)
     tmp = root / (INDEX + ".tmp")
     tmp.write_text(json.dumps(record, indent=1, default=list))
     os.replace(tmp, root / INDEX)  # written last: an index means every shard is whole
@@ -200,11 +346,39 @@ class ShardData:
     png: list[bytes] | None = None  # the encoded images, kept when a writer re-packs them (WebDataset caches)
 
 
+REWRITES = "(it rewrites damaged shards; the feature cache stays valid since shards are deterministic)"
+
+
 def _redo(location: str | Path) -> str:
     """What to do about a damaged shard: remake it (and upload it again when it is remote)."""
     if locations.is_url(location):
         return "re-run gendd prepare and upload the shards again"
-    return "delete it and re-run gendd prepare"
+    return f"re-run gendd prepare --out {Path(str(location).removeprefix('file://')).parent} {REWRITES}"
+
+
+def shard_count_error(shards: ShardSet, i: int, found: int) -> GenddError:
+    """The error for shard i holding `found` samples where index.json says otherwise, with the fix that works: a
+    shard whose size or sha256 differs from the recorded one is damaged (prepare rewrites it); one that is as
+    recorded means index.json itself is wrong (prepare rewrites that). For remote shards: remake and upload."""
+    location = shards.path(i)
+    head = f"{location}: {found} samples, index.json says {shards.counts[i]}"
+    if locations.is_url(location):
+        return GenddError(f"{head}: the shard or index.json is damaged; {_redo(location)}")
+    redo = f"re-run gendd prepare --out {shards.root}"
+    if not shards.sizes or not Path(location).is_file():
+        return GenddError(f"{head}: the shard or index.json is damaged; {redo} {REWRITES}")
+    size = Path(location).stat().st_size
+    if size != shards.sizes[i]:
+        return GenddError(
+            f"{head}: the shard is damaged or truncated ({size} bytes, index.json recorded {shards.sizes[i]}); "
+            f"{redo} {REWRITES}"
+        )
+    if shards.hashes and file_digest(Path(location))[1] != shards.hashes[i]:
+        return GenddError(f"{head}: the shard is damaged (its sha256 differs from index.json's); {redo} {REWRITES}")
+    return GenddError(
+        f"{head}, but the shard is byte for byte as prepare wrote it: index.json is wrong or was edited; "
+        f"{redo} to rewrite index.json"
+    )
 
 
 def _open_tar(location: str | Path) -> tarfile.TarFile:
@@ -282,10 +456,7 @@ def load_split(shards: ShardSet) -> ShardData:
     parts = [read_shard(shards.path(i)) for i in range(len(shards.names))]
     for i, part in enumerate(parts):
         if len(part.keys) != shards.counts[i]:
-            raise GenddError(
-                f"{shards.path(i)}: {len(part.keys)} samples, index says {shards.counts[i]}; "
-                f"the shard is truncated: {_redo(shards.path(i))}"
-            )
+            raise shard_count_error(shards, i, len(part.keys))
     return ShardData(
         [k for p in parts for k in p.keys], torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts])
     )

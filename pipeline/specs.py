@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -100,13 +101,18 @@ def _check_values(spec: DataSpec, path: Path) -> None:
         raise _fail(path, "num_classes/image_size/channels", "positive sizes and 1 or 3 channels")
     for key in ("mean", "std"):
         values = getattr(spec, key)
-        if len(values) != spec.channels or not all(isinstance(v, (int, float)) for v in values):
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if len(values) != spec.channels or not numbers:
             raise _fail(path, key, f"{spec.channels} numbers (one per channel), got {list(values)}")
+        if not all(math.isfinite(v) for v in values):
+            raise _fail(path, key, f"finite numbers, got {list(values)}")
+    if not all(v > 0 for v in spec.std):
+        raise _fail(path, "std", f"positive numbers (pixels are divided by them), got {list(spec.std)}")
     if spec.class_names and len(spec.class_names) != spec.num_classes:
         raise _fail(path, "class_names", f"{spec.num_classes} names, got {len(spec.class_names)}")
     if not 0.0 < spec.val_fraction < 1.0:
         raise _fail(path, "val_fraction", f"a number in (0, 1), got {spec.val_fraction}")
-    if spec.imbalance_factor < 1.0:
+    if not (math.isfinite(spec.imbalance_factor) and spec.imbalance_factor >= 1.0):
         raise _fail(path, "imbalance_factor", f"a number >= 1 (1 = balanced), got {spec.imbalance_factor}")
     if spec.imbalance_factor > 1.0 and not spec.labeled:
         raise _fail(path, "imbalance_factor", "labels to subsample by class; set labeled: true or remove it")

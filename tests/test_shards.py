@@ -1,5 +1,8 @@
 import gzip
+import json
+import re
 import struct
+import tarfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -7,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import GenddError
-from pipeline.shards import load_index, load_split, prepare_shards, read_shard, read_shard_labels
+from pipeline.shards import file_digest, load_index, load_split, prepare_shards, read_shard, read_shard_labels
 from pipeline.sources import iter_source, long_tail_indices
 from pipeline.specs import load_spec
 
@@ -69,7 +72,7 @@ def test_interrupted_prepare_finishes_and_other_settings_rewrite(tmp_path: Path)
 def test_corrupt_and_truncated_shards_give_one_line(tmp_path: Path, digits_shards) -> None:
     bad = tmp_path / "train-000000.tar"
     bad.write_bytes(digits_shards.split("train").path(0).read_bytes()[:3000])
-    with pytest.raises(GenddError, match="delete it and re-run gendd prepare") as info:
+    with pytest.raises(GenddError, match=re.escape(f"re-run gendd prepare --out {tmp_path} (it rewrites")) as info:
         read_shard(bad)
     assert "\n" not in str(info.value)
     with pytest.raises(GenddError, match="run `gendd prepare"):
@@ -136,3 +139,99 @@ def test_image_folder_shards_mix_classes(tmp_path: Path) -> None:
     per_shard = [set(read_shard_labels(shards.path(i))[1]) for i in range(len(shards.names))]
     assert len(per_shard) == 3 and all(len(classes) > 1 for classes in per_shard)
     assert sorted(shards.keys_and_labels()[0]) == sorted(f"{n}/{j}" for n in "abc" for j in range(8))
+
+
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "flip a byte":  # same size: only the hash can tell
+        middle = len(data) // 2
+        path.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :])
+    elif how == "truncate":
+        path.write_bytes(data[: len(data) // 3])
+    else:
+        path.unlink()
+
+
+@pytest.mark.parametrize("how", ["flip a byte", "truncate", "delete"])
+@pytest.mark.parametrize("name", ["train-000001.tar", "val-keys.json"])
+def test_prepare_rewrites_a_damaged_file_byte_for_byte(tmp_path: Path, capsys, how: str, name: str) -> None:
+    spec = load_spec(DIGITS_SPEC)
+    index, _ = prepare_shards(spec, tmp_path, shard_size=50, max_samples=120)
+    train = index.split("train")
+    assert len(train.sizes) == len(train.hashes) == 3 and train.keys_hash
+    assert file_digest(tmp_path / "train-000001.tar") == (train.sizes[1], train.hashes[1])
+    original = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    _damage(tmp_path / name, how)
+    capsys.readouterr()
+    _, wrote = prepare_shards(spec, tmp_path, shard_size=50, max_samples=120)
+    out = capsys.readouterr().out
+    assert wrote and "rewrote" in out and name in out
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == original  # shards are deterministic
+    assert not prepare_shards(spec, tmp_path, shard_size=50, max_samples=120)[1]
+
+
+def test_index_without_hashes_from_an_older_gendd_is_rewritten(tmp_path: Path) -> None:
+    spec = load_spec(DIGITS_SPEC)
+    prepare_shards(spec, tmp_path, shard_size=50, max_samples=120)
+    record = json.loads((tmp_path / "index.json").read_text())
+    del record["index_sha256"]
+    for entry in record["splits"].values():
+        for field in ("sizes", "sha256", "keys_size", "keys_sha256"):
+            del entry[field]
+    (tmp_path / "index.json").write_text(json.dumps(record))
+    assert load_index(tmp_path).split("train").hashes == ()  # still readable
+    _, wrote = prepare_shards(spec, tmp_path, shard_size=50, max_samples=120)
+    assert wrote and load_index(tmp_path).split("train").hashes
+    assert not prepare_shards(spec, tmp_path, shard_size=50, max_samples=120)[1]
+
+
+def test_count_mismatch_says_whether_the_shard_or_the_index_is_wrong(tmp_path: Path) -> None:
+    spec = load_spec(DIGITS_SPEC)
+    prepare_shards(spec, tmp_path, shard_size=50, max_samples=120)
+    record = json.loads((tmp_path / "index.json").read_text())
+    record["splits"]["train"]["counts"][1] += 5  # edited by hand: the shard itself is as prepare wrote it
+    (tmp_path / "index.json").write_text(json.dumps(record))
+    with pytest.raises(GenddError, match=r"train-000001\.tar: 50 samples, index\.json says 55") as info:
+        load_split(load_index(tmp_path).split("train"))
+    message = str(info.value)
+    assert "rewrite index.json" in message and "truncated" not in message and "\n" not in message
+    assert f"re-run gendd prepare --out {tmp_path}" in message
+    _, wrote = prepare_shards(spec, tmp_path, shard_size=50, max_samples=120)  # the advice works
+    assert wrote and len(load_split(load_index(tmp_path).split("train")).keys) == 120
+
+    shard = tmp_path / "train-000001.tar"  # cut at a member boundary: a readable tar with fewer samples
+    with tarfile.open(shard) as tar:
+        firsts = {m.name.partition(".")[0]: m.offset for m in reversed(tar.getmembers())}  # each sample's 1st member
+        cut = sorted(firsts.values())[30]
+    shard.write_bytes(shard.read_bytes()[:cut])
+    with pytest.raises(GenddError, match=r"train-000001\.tar: 30 samples, index\.json says 50") as info:
+        load_split(load_index(tmp_path).split("train"))
+    message = str(info.value)
+    assert "damaged or truncated" in message and "rewrites damaged shards" in message and "index.json is" not in message
+    _, wrote = prepare_shards(spec, tmp_path, shard_size=50, max_samples=120)
+    assert wrote and len(load_split(load_index(tmp_path).split("train")).keys) == 120
+
+
+def test_label_outside_num_classes_is_refused_naming_the_sample(tmp_path: Path) -> None:
+    spec_file = tmp_path / "digits5.yaml"
+    text = DIGITS_SPEC.read_text().replace("name: digits", "name: digits5").replace("num_classes: 10", "num_classes: 5")
+    spec_file.write_text("\n".join(line for line in text.splitlines() if not line.startswith("class_names")))
+    spec = load_spec(spec_file)
+    first = next(s for s in iter_source(spec, "train") if s.label >= 5)
+    with pytest.raises(GenddError) as info:
+        prepare_shards(spec, tmp_path / "out", shard_size=50, max_samples=120)
+    message = str(info.value)
+    assert f"sample {first.key!r} has label {first.label}" in message and "'train'" in message
+    assert "digits5" in message and "num_classes" in message and "\n" not in message
+    assert not (tmp_path / "out" / "index.json").exists()
+
+
+def test_damaged_shard_without_the_settings_marker_rewrites_every_split(tmp_path: Path) -> None:
+    spec = load_spec(DIGITS_SPEC)
+    prepare_shards(spec, tmp_path, shard_size=50, max_samples=120)
+    original = {p.name: p.read_bytes() for p in tmp_path.glob("*.tar")}
+    (tmp_path / ".prepare.json").unlink()  # unknown settings: everything is cleared, intact splits included
+    _damage(tmp_path / "val-000000.tar", "truncate")
+    index, wrote = prepare_shards(spec, tmp_path, shard_size=50, max_samples=120)
+    assert wrote and {p.name: p.read_bytes() for p in tmp_path.glob("*.tar")} == original
+    assert len(load_split(index.split("train")).keys) == 120

@@ -63,3 +63,16 @@ def test_hash_ignores_path_but_tracks_data_fields(tmp_path: Path) -> None:
     base = load_spec(ROOT / "data_specs" / "fashion_mnist.yaml")
     assert base.with_path("/elsewhere").spec_hash == base.spec_hash
     assert load_spec(_write(tmp_path, seed=1)).spec_hash != load_spec(ROOT / "data_specs" / "digits.yaml").spec_hash
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("std", [0.0]), ("std", [-0.38]), ("std", [float("nan")]), ("mean", [float("inf")])]
+)
+def test_std_must_be_positive_and_mean_std_finite(tmp_path: Path, field: str, value: list) -> None:
+    message = _one_line_error(_write(tmp_path, **{field: value}))
+    assert f"field '{field}'" in message and "spec.yaml" in message
+    assert ("positive" if value[0] <= 0 else "finite") in message
+
+
+def test_imbalance_factor_must_be_finite(tmp_path: Path) -> None:
+    assert "imbalance_factor" in _one_line_error(_write(tmp_path, imbalance_factor=float("nan")))
