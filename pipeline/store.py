@@ -14,6 +14,11 @@ float32, or float16 features and logits when asked (streaming keeps them half pr
 
 Reading also works from an fsspec URL (`http(s)://`, `s3://`, `gs://`; see pipeline/locations.py); writing is local.
 
+Reads check what they return: a chunk holding NaN or inf, a damaged or missing chunk file (Zarr: a bad crc32c
+checksum; webdataset: a tar that differs from its recorded CRC-32), labels or keys of the wrong length, labels out of
+range, a non-finite teacher head or attributes lacking a field are each one `GenddError` line naming the store, the
+array and the chunk, with the fix. `gendd cache verify` (pipeline/verify.py) runs every such check on every chunk.
+
 Concurrency: a store is built in a private temp directory and renamed into place (atomic on a POSIX filesystem), so
 concurrent `FeatureCacheWriter.open` calls with the same meta all end on one fully created store and nobody sees a
 half-created one. Writers then fill whole chunks only (distinct chunk files, themselves written via temp + rename),
@@ -36,7 +41,7 @@ import numpy as np
 from pipeline import locations
 from pipeline.errors import GenddError
 from pipeline.locations import one_line
-from pipeline.store_wds import WdsStore
+from pipeline.store_wds import StoreDamage, WdsStore
 from pipeline.store_zarr import ZarrStore
 
 SCHEMA_VERSION = 1
@@ -48,6 +53,40 @@ _REQUIRED = {
     "views": ("K", "policy", "seed"),
 }
 _FIX = "re-run gendd extract"
+
+
+def all_finite(x: np.ndarray, bf16_bits: bool = False) -> bool:
+    """Whether `x` holds no NaN or inf (integers: always). float16 and bfloat16 bit patterns (uint16) are tested on
+    their exponent bits, all ones exactly for NaN and inf: ~6x faster than np.isfinite on float16 (measured 1.6 ms
+    against 10 ms for 4M values), which matters on every chunk a training run reads."""
+    x = np.asarray(x)
+    mask = 0x7F80 if bf16_bits else 0x7C00 if x.dtype == np.float16 else None
+    if mask is None:
+        return x.dtype.kind in "iub" or bool(np.isfinite(x).all())
+    return x.size == 0 or int(np.bitwise_and(np.ascontiguousarray(x).view(np.uint16), mask).max()) != mask
+
+
+def attrs_problems(attrs: dict) -> list[str]:
+    """What a store's attributes lack or hold wrong (the fields CacheMeta.validate requires, the codec, sizes), each
+    phrased to follow "attributes"; empty when they describe a readable cache."""
+    problems = []
+    if attrs.get("schema_version") != SCHEMA_VERSION:
+        problems.append(f"have schema_version {attrs.get('schema_version')!r}, this gendd reads {SCHEMA_VERSION}")
+    for section, fields in _REQUIRED.items():
+        value = attrs.get(section)
+        missing = list(fields) if not isinstance(value, dict) else [f for f in fields if f not in value]
+        if missing:
+            problems.append(f"lack {', '.join(f'{section}.{f}' for f in missing)}")
+    if attrs.get("codec") not in CODECS:
+        problems.append(f"have codec {attrs.get('codec')!r}, not one of {', '.join(CODECS)}")
+    if not isinstance(attrs.get("complete"), bool):
+        problems.append(f"have complete = {attrs.get('complete')!r}, not true or false")
+    sizes = (("dataset", "n", 0), ("views", "K", 1), ("teacher", "feature_dim", 1), ("teacher", "num_classes", 1))
+    for section, field, least in sizes:
+        value = attrs.get(section, {}).get(field, least) if isinstance(attrs.get(section), dict) else least
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            problems.append(f"have {section}.{field} = {value!r}, expected an integer >= {least}")
+    return problems
 
 
 def _to_json(value: Any) -> Any:
@@ -175,6 +214,12 @@ def _check_inputs(meta: CacheMeta, split: str, chunk_size: int, keys: list[str],
         raise GenddError(f"{split}: {len(keys)} keys and {labels.shape} labels for n={n} samples: pass one per sample")
     if len(set(keys)) != n:
         raise GenddError(f"{split}: sample keys are not unique: re-run gendd prepare")
+    c = int(meta.teacher["num_classes"])
+    if labels.size and (labels.min() < -1 or labels.max() >= c):
+        raise GenddError(
+            f"{split}: labels span [{labels.min()}, {labels.max()}] but the teacher has {c} classes (labels must lie "
+            f"in [-1, {c})): use a teacher trained on this dataset"
+        )
 
 
 def _head_arrays(meta: CacheMeta, weight: np.ndarray, bias: np.ndarray) -> dict[str, np.ndarray]:
@@ -311,15 +356,24 @@ class FeatureCache:
         self._store = store
         self.fmt, self.path = store.fmt, store.path
         attrs = store.attrs
+        if problems := attrs_problems(attrs):
+            raise StoreDamage(self.path, "attributes", None, problems[0])
         self.meta = CacheMeta.from_attrs(attrs)
         self.complete = bool(attrs.get("complete"))
         self.n, self.K = int(self.meta.dataset["n"]), int(self.meta.views["K"])
         self.feature_dim = int(self.meta.teacher["feature_dim"])
         self.num_classes = int(self.meta.teacher["num_classes"])
         self.chunk_size, self.n_chunks = store.chunk_size, store.n_chunks
+        if self.chunk_size < 1 or self.n_chunks != -(-self.n // self.chunk_size):
+            why = f"has {self.n_chunks} chunks of {self.chunk_size} samples for N={self.n}"
+            raise StoreDamage(self.path, "done", None, why)
         self.head_weight, self.head_bias = store.head()
+        if problems := head_problems(self.head_weight, self.head_bias, self.num_classes, self.feature_dim):
+            raise StoreDamage(self.path, *problems[0])
         self.labels = store.labels().astype(np.int64)
         self.keys = store.keys()
+        if problems := index_problems(self.labels, self.keys, self.n, self.num_classes, unique=False):
+            raise StoreDamage(self.path, *problems[0])
         self.done = np.ones(self.n_chunks, dtype=bool) if self.complete else store.done()
 
     def chunk_bounds(self, i: int) -> tuple[int, int]:
@@ -333,6 +387,9 @@ class FeatureCache:
         if not self.done[i]:
             raise GenddError(f"{self.path}: chunk {i} is not written yet: {_FIX} to finish the cache")
         stored = self._store.read(i, start, stop)
+        for name, array in stored.items():  # checked as stored (bf16 bits, float16): decoding keeps NaN and inf
+            if not all_finite(array, bf16_bits=self.meta.codec == "bf16" and name in ("features", "logits")):
+                raise StoreDamage(self.path, name, i, "holds NaN or inf", self._store.chunk_fix(i))
         return decode_chunk(self.meta.codec, stored, dtype) | {"labels": self.labels[start:stop]}
 
     def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
@@ -377,10 +434,51 @@ class FeatureCache:
             "bytes_per_sample_view": (value_bytes + sizes.get("views", 0)) / max(n_done * self.K, 1),
             "bytes_per_value": value_bytes / max(n_values, 1),
             "compression_ratio": 4 * n_values / value_bytes if value_bytes else 0.0,
+            "damage": self.damage_seen(),
         }
 
+    def damage_seen(self) -> list[str]:
+        """Damage visible without reading chunk data (local stores): chunk files (tars) missing or cut short for
+        done chunks, done flags unset in a complete store, an unfinished store; `gendd cache verify` reads them all."""
+        found = [] if self.complete else [f"incomplete: {int(self.done.sum())} of {self.n_chunks} chunks done"]
+        if isinstance(self._store, ZarrStore):
+            return found + self._store.damage_seen(self.done, self.complete)
+        return found + self._store.damage_seen(self.complete)
 
-def _find_store(root: Path | str, split: str) -> ZarrStore | WdsStore:
+
+def head_problems(weight: np.ndarray, bias: np.ndarray, c: int, d: int) -> list[tuple[str, None, str]]:
+    """(array, None, what) for a teacher head of the wrong shape or holding NaN or inf."""
+    problems = []
+    for name, array, shape in (("head/weight", weight, (c, d)), ("head/bias", bias, (c,))):
+        if array.shape != shape:
+            problems.append((name, None, f"has shape {array.shape}, expected {shape} (num_classes, feature_dim)"))
+        elif not all_finite(array):
+            problems.append((name, None, "holds NaN or inf"))
+    return problems
+
+
+def index_problems(
+    labels: np.ndarray, keys: list[str], n: int, num_classes: int, unique: bool = True
+) -> list[tuple[str, None, str]]:
+    """(array, None, what) for labels or keys that are not one per sample, labels outside [-1, num_classes) and (with
+    `unique`) repeated keys."""
+    problems = []
+    if labels.shape != (n,):
+        problems.append(("labels", None, f"has {labels.size} entries, expected N={n}"))
+    bad = np.flatnonzero((labels < -1) | (labels >= num_classes))
+    if bad.size:
+        first = f"sample {bad[0]}: {labels[bad[0]]}"
+        problems.append(("labels", None, f"has {bad.size} values outside [-1, {num_classes}) (first: {first})"))
+    if len(keys) != n:
+        problems.append(("keys", None, f"has {len(keys)} entries, expected N={n}"))
+    if unique and len(set(keys)) != len(keys):
+        seen: set[str] = set()
+        repeated = next(key for key in keys if key in seen or seen.add(key))
+        problems.append(("keys", None, f"are not unique ({len(keys) - len(set(keys))} repeats, first {repeated!r})"))
+    return problems
+
+
+def find_store(root: Path | str, split: str) -> ZarrStore | WdsStore:
     """Open the split's store (local or at a URL) in whichever format exists (Zarr first), or say what to run."""
     root = locations.normalize(root)
     for store_cls in (ZarrStore, WdsStore):
@@ -419,7 +517,7 @@ def open_cache(
     allow_incomplete: bool = False,
 ) -> FeatureCache:
     """Open a split's cache; refuse a missing, incomplete (unless allowed) or mismatched one with what to run."""
-    cache = FeatureCache(_find_store(cache_dir, split))
+    cache = FeatureCache(find_store(cache_dir, split))
     if not cache.complete and not allow_incomplete:
         done = f"{int(cache.done.sum())} of {cache.n_chunks} chunks done"
         raise GenddError(f"{cache.path} is incomplete ({done}): {_FIX} to finish it")

@@ -4,6 +4,10 @@ One tar per chunk (= per image shard), written to a temp file and moved into pla
 chunk's "done" flag. Each sample holds `__key__`, `png`, `cls` (labelled samples only) and per-sample `.npy` arrays
 in the codec's stored dtype (`features.npy`, `logits.npy`, `views.npy`, and `features_scale.npy` for int8).
 `meta.json` holds the attributes, labels, keys and chunking; `head.npz` the teacher classifier.
+Next to each tar, `<split>-NNNNNN.tar.crc32` records the tar's CRC-32 and size ("crc32 <8 hex> bytes <n>"), written
+before the tar: a tar has no checksum over its contents (tarfile checks member headers only), so without it a flipped
+byte in a PNG or an array would read back silently. Local reads check it; `gendd cache verify` checks it everywhere.
+Tars without one (written by an older gendd) still read, unchecked.
 The public interface is `pipeline.store`; this module only lays bytes out on disk.
 """
 
@@ -15,6 +19,7 @@ import os
 import tarfile
 import uuid
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +32,7 @@ META = "meta.json"
 HEAD = "head.npz"
 ATTR_KEYS = ("schema_version", "teacher", "dataset", "views", "codec", "complete")
 _EXTENSIONS = ("features.npy", "features_scale.npy", "logits.npy", "views.npy", "png", "cls")
+CRC_SUFFIX = ".crc32"
 
 
 def rebuild_hint(location: Path | str, target: str = "it") -> str:
@@ -34,6 +40,26 @@ def rebuild_hint(location: Path | str, target: str = "it") -> str:
     if locations.is_url(location):
         return "check the URL, or re-run gendd extract and upload the cache again"
     return f"delete {target} and re-run gendd extract"
+
+
+class StoreDamage(GenddError):
+    """A damaged part of a store: one line naming the store, the array (or file) and the chunk, and the fix.
+
+    `array`, `chunk` and `why` stay readable for `gendd cache verify`, which lists every damaged chunk."""
+
+    def __init__(self, path: Path | str, array: str, chunk: int | str | None, why: str, fix: str | None = None):
+        self.path, self.array, self.chunk, self.why = path, array, chunk, why
+        self.fix = fix or rebuild_hint(path, "the store")
+        where = array if chunk is None else f"{array} chunk {chunk}"
+        super().__init__(f"{path}: {where} {why}: {self.fix}")
+
+
+def read_problem(exc: BaseException) -> str:
+    """Why a read failed, in a few words (a checksum mismatch without the raw checksum bytes)."""
+    text = one_line(exc)
+    if "checksum" in text.lower():
+        return "cannot be read (bad checksum: the file is corrupt)"
+    return f"cannot be read ({text})"
 
 
 def _replace_atomically(path: Path, data: bytes) -> None:
@@ -105,7 +131,10 @@ class WdsStore:
         except (OSError, ValueError) as exc:
             where = locations.join(path, META)
             raise GenddError(f"{where} cannot be read ({one_line(exc)}): {rebuild_hint(path, str(path))}") from exc
-        return cls(path, meta)
+        try:
+            return cls(path, meta)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreDamage(path, META, None, f"lacks a valid chunk_size or n_chunks ({one_line(exc)})") from exc
 
     @property
     def attrs(self) -> dict:
@@ -114,26 +143,56 @@ class WdsStore:
 
     def keys(self) -> list[str]:
         """Sample keys in global order."""
-        return list(self._meta["keys"])
+        keys = self._meta.get("keys")
+        if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
+            raise StoreDamage(self.path, "keys", None, f"in {META} are missing or not strings")
+        return list(keys)
 
     def labels(self) -> np.ndarray:
         """Labels (N,) int32, -1 = none."""
-        return np.asarray(self._meta["labels"], dtype=np.int32)
+        try:
+            labels = np.asarray(self._meta["labels"])
+            if labels.ndim != 1 or (labels.size and labels.dtype.kind not in "iu"):
+                raise ValueError(f"not a list of integers (dtype {labels.dtype}, shape {labels.shape})")
+            return labels.astype(np.int32)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreDamage(self.path, "labels", None, f"in {META} cannot be read ({one_line(exc)})") from exc
 
     def head(self) -> tuple[np.ndarray, np.ndarray]:
         """Teacher classifier weight (C, D) and bias (C,), float32."""
         try:
             with np.load(io.BytesIO(locations.read_bytes(locations.join(self.path, HEAD)))) as head:
                 return head["weight"].astype(np.float32), head["bias"].astype(np.float32)
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-            where = locations.join(self.path, HEAD)
-            raise GenddError(
-                f"{where} cannot be read ({one_line(exc)}): {rebuild_hint(self.path, str(self.path))}"
-            ) from exc
+        except (*locations.network_errors(), ValueError, KeyError, zipfile.BadZipFile) as exc:
+            fix = rebuild_hint(self.path, str(self.path))
+            raise StoreDamage(self.path, HEAD, None, read_problem(exc), fix) from exc
+        except GenddError as exc:  # a remote read that failed
+            raise StoreDamage(self.path, HEAD, None, f"cannot be read ({exc})") from exc
 
     def shard_path(self, i: int) -> Path | str:
         """Tar file (or its URL) of chunk i."""
         return locations.join(self.path, f"{self._meta['dataset']['split']}-{i:06d}.tar")
+
+    def _crc_path(self, i: int) -> Path | str:
+        return locations.join(self.path, f"{self._meta['dataset']['split']}-{i:06d}.tar{CRC_SUFFIX}")
+
+    def chunk_fix(self, i: int) -> str:
+        """What to do about a damaged chunk i: delete its tar (extraction then redoes just that chunk)."""
+        path = self.shard_path(i)
+        return rebuild_hint(path) if locations.is_url(path) else f"delete {path} and re-run gendd extract"
+
+    def recorded_crc(self, i: int) -> tuple[int, int] | None:
+        """(CRC-32, size) recorded for tar i, or None when it has no checksum file (an older gendd wrote it)."""
+        where = self._crc_path(i)
+        try:
+            if not locations.is_file(where):
+                return None
+            fields = locations.read_text(where).split()
+            if len(fields) != 4 or fields[0] != "crc32" or fields[2] != "bytes":
+                raise ValueError(f"unexpected content {' '.join(fields)[:40]!r}")
+            return int(fields[1], 16), int(fields[3])
+        except (*locations.network_errors(), ValueError) as exc:
+            raise StoreDamage(self.path, Path(str(where)).name, i, read_problem(exc), self.chunk_fix(i)) from exc
 
     def done(self) -> np.ndarray:
         """(n_chunks,) bool: chunk i is done when its tar exists (tars only appear whole, via rename)."""
@@ -164,10 +223,16 @@ class WdsStore:
                     sample["cls"] = str(labels[j]).encode()
                 sample.update({f"{name}.npy": _npy_bytes(array[j]) for name, array in stored.items()})
                 sink.write(sample)
-        _replace_atomically(self.shard_path(i), buffer.getvalue())
+        data = buffer.getvalue()
+        # The checksum first: a tar (the chunk's done flag) never exists without its record.
+        _replace_atomically(self._crc_path(i), f"crc32 {zlib.crc32(data):08x} bytes {len(data)}\n".encode())
+        _replace_atomically(self.shard_path(i), data)
 
-    def read(self, i: int, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Stored (not decoded) per-sample arrays of chunk i, stacked along samples."""
+    def read(
+        self, i: int, start: int, stop: int, crc: tuple[int, int] | None = None, *, look_up_crc: bool = True
+    ) -> dict[str, np.ndarray]:
+        """Stored (not decoded) per-sample arrays of chunk i, stacked along samples; the tar is checked against `crc`
+        (CRC-32, size), by default its recorded one (looked up for local stores only: one request less per chunk)."""
         # tarfile, not webdataset's pipeline: we read one local shard whole and in order, checking every key against
         # meta.json; webdataset's stream/decoder stages (and its torch import) add nothing here.
         keys = self._meta["keys"][start:stop]
@@ -175,22 +240,55 @@ class WdsStore:
         headers: dict[bytes, tuple[np.dtype, tuple]] = {}
         j = -1
         path = self.shard_path(i)
+        tar_name, fix = Path(str(path)).name, self.chunk_fix(i)
+        if crc is None and look_up_crc and not locations.is_url(path):
+            crc = self.recorded_crc(i)
         try:
-            with tarfile.open(fileobj=io.BytesIO(locations.read_bytes(path)), mode="r:") as tar:  # one read per shard
+            data = locations.read_bytes(path)  # one read per shard
+        except (OSError, GenddError) as exc:
+            raise StoreDamage(self.path, tar_name, i, read_problem(exc), fix) from exc
+        if crc is not None and (zlib.crc32(data), len(data)) != crc:
+            got = f"CRC-32 {zlib.crc32(data):08x}, {len(data)} bytes"
+            why = f"is corrupt ({got}; its {tar_name}{CRC_SUFFIX} records {crc[0]:08x}, {crc[1]} bytes)"
+            raise StoreDamage(self.path, tar_name, i, why, fix)
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
                 for member in tar:
                     if j < 0 or not member.name.startswith(keys[j] + "."):
                         j += 1
                         if j >= len(keys) or not member.name.startswith(keys[j] + "."):
-                            raise GenddError(f"{path}: unexpected member {member.name!r}: {rebuild_hint(path)}")
+                            raise StoreDamage(self.path, tar_name, i, f"has an unexpected member {member.name!r}", fix)
                     ext = member.name[len(keys[j]) + 1 :]
                     if ext.endswith(".npy"):
-                        data = tar.extractfile(member).read()
-                        columns.setdefault(ext[:-4], []).append(_load_npy(data, headers))
+                        member_data = tar.extractfile(member).read()
+                        columns.setdefault(ext[:-4], []).append(_load_npy(member_data, headers))
         except (OSError, tarfile.TarError, ValueError) as exc:
-            raise GenddError(f"{path} cannot be read ({one_line(exc)}): {rebuild_hint(path)}") from exc
+            raise StoreDamage(self.path, tar_name, i, read_problem(exc), fix) from exc
         if j != len(keys) - 1 or any(len(c) != len(keys) for c in columns.values()):
-            raise GenddError(f"{path} holds {j + 1} samples, expected {len(keys)}: {rebuild_hint(path)}")
-        return {name: np.stack(arrays) for name, arrays in columns.items()}
+            raise StoreDamage(self.path, tar_name, i, f"holds {j + 1} samples, expected {len(keys)}", fix)
+        try:
+            return {name: np.stack(arrays) for name, arrays in columns.items()}
+        except ValueError as exc:  # samples whose arrays differ in shape
+            raise StoreDamage(self.path, tar_name, i, f"holds arrays of unequal shapes ({one_line(exc)})", fix) from exc
+
+    def damage_seen(self, complete: bool) -> list[str]:
+        """Damage visible without reading the tars (local stores): a done chunk's tar missing (a complete store has
+        every tar), or a tar whose size differs from its checksum record."""
+        found = []
+        for i in range(self.n_chunks):
+            tar = Path(self.shard_path(i))
+            if not tar.is_file():
+                if complete:
+                    found.append(f"{tar.name} chunk {i}: missing")
+                continue
+            try:
+                recorded = self.recorded_crc(i)
+            except StoreDamage as exc:
+                found.append(f"{exc.array} chunk {i}: {exc.why}")
+                continue
+            if recorded is not None and tar.stat().st_size != recorded[1]:
+                found.append(f"{tar.name} chunk {i}: {tar.stat().st_size} bytes, its checksum file says {recorded[1]}")
+        return found
 
     def set_complete(self) -> None:
         """Record completion (and the per-chunk done list) in meta.json; done last, after every tar exists."""

@@ -1,10 +1,17 @@
-"""The Zarr v3 layout of a feature cache split (`<cache>/<split>.zarr`): its reader and writer."""
+"""The Zarr v3 layout of a feature cache split (`<cache>/<split>.zarr`): its reader and writer.
+
+Every read of an array goes through `_reading`: a missing chunk file (zarr would return the fill value), a bad crc32c
+checksum, an undecodable chunk or a failed request becomes one `StoreDamage` line naming the store, the array and
+the chunk. Chunk files are `<array>/c/<i>/0/0` for the per-sample arrays (chunk i = samples of image shard i),
+`labels/c/0`, `keys/c/0`, `head/weight/c/0/0`, `head/bias/c/0` (one chunk each unless the head is large) and
+`done/c/<i>` (absent until chunk i is done).
+"""
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,10 +22,13 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from pipeline import locations
 from pipeline.errors import GenddError
 from pipeline.locations import one_line
-from pipeline.store_wds import rebuild_hint
+from pipeline.store_wds import StoreDamage, read_problem, rebuild_hint
+
+PER_SAMPLE = ("features", "logits", "views", "features_scale")
+SMALL = ("labels", "keys", "head/weight", "head/bias", "done")
 
 
-def _stored_dtypes(codec: str) -> dict[str, type]:
+def stored_dtypes(codec: str) -> dict[str, type]:
     """Dtype of every per-sample array the codec stores."""
     value = {"bf16": np.uint16, "int8": np.int8}.get(codec, np.float16)
     dtypes = {"features": value, "logits": np.uint16 if codec == "bf16" else np.float16, "views": np.float32}
@@ -53,9 +63,7 @@ class ZarrStore:
         self.path = path
         self._writable, self._pid = writable, os.getpid()
         self._group = group
-        self._arrays = {
-            name: group[name] for name in ("features", "logits", "views", "features_scale") if name in group
-        }
+        self._arrays = {name: group[name] for name in PER_SAMPLE if name in group}
         self._done = group["done"]
         self.chunk_size = int(self._arrays["features"].chunks[0])
         self.n_chunks = int(self._done.shape[0])
@@ -78,7 +86,7 @@ class ZarrStore:
         compressors = _compressors(codec)
         with _quiet_zarr():
             group = zarr.create_group(store=str(path), zarr_format=3, attributes=attrs)
-            for name, dtype in _stored_dtypes(codec).items():
+            for name, dtype in stored_dtypes(codec).items():
                 shape = (n, k, int(widths[name])) if name in widths else (n, k)
                 group.create_array(
                     name, shape=shape, chunks=(chunk_size, *shape[1:]), dtype=dtype, compressors=compressors
@@ -114,33 +122,108 @@ class ZarrStore:
             fresh = type(self).open(self.path, self._writable)
             self._group, self._arrays, self._done, self._pid = fresh._group, fresh._arrays, fresh._done, fresh._pid
 
+    @contextmanager
+    def _reading(self, name: str, chunk: int | str | None = None) -> Iterator[None]:
+        """Turn any failure to read array `name` (chunk `chunk`) into one StoreDamage line."""
+        try:
+            with _quiet_zarr():
+                yield
+        except GenddError:
+            raise
+        except (*locations.network_errors(), ValueError, RuntimeError, KeyError) as exc:
+            raise StoreDamage(self.path, name, chunk, read_problem(exc), self.chunk_fix(chunk, name)) from exc
+
+    def chunk_fix(self, chunk: int | str | None, name: str = "features") -> str:
+        """What to do about a damaged chunk: for a per-sample array or a done flag, delete the chunk's done flag
+        (extraction then redoes just that chunk); for anything else, rebuild the store."""
+        if name in (*PER_SAMPLE, "done") and isinstance(chunk, int) and not locations.is_url(self.path):
+            return f"delete {locations.join(self.path, 'done', 'c', str(chunk))} and re-run gendd extract"
+        return rebuild_hint(self.path, "the store")
+
     @property
     def attrs(self) -> dict:
         """The group's attributes."""
         self._own_process()
-        return self._group.attrs.asdict()
+        with self._reading("attributes (zarr.json)"):
+            return self._group.attrs.asdict()
+
+    def array_names(self) -> list[str]:
+        """Every array of the group (per-sample arrays first), as stored."""
+        with self._reading("the group listing"):
+            names = [name for name, _ in self._group.arrays()]
+            if "head" in self._group:
+                names += [f"head/{name}" for name, _ in self._group["head"].arrays()]
+        return sorted(names, key=lambda n: (n not in PER_SAMPLE, PER_SAMPLE.index(n) if n in PER_SAMPLE else 0, n))
+
+    def describe(self, name: str) -> tuple[tuple[int, ...], np.dtype, tuple[int, ...]] | None:
+        """(shape, dtype, chunk shape) of array `name`, or None when the group has no such array."""
+        with self._reading(name):
+            if name not in self._group:
+                return None
+            array = self._group[name]
+            return tuple(array.shape), np.dtype(array.dtype), tuple(array.chunks)
+
+    def blocks(self, name: str) -> list[tuple[int | str, tuple[int, ...]]]:
+        """(label, coordinates) of every chunk of array `name`; the label is the chunk's index along the first axis
+        when the other axes are one chunk each (every array here), else its coordinates joined by dots."""
+        with self._reading(name):
+            grid = self._group[name].cdata_shape
+        coords = list(np.ndindex(*grid)) if grid else [()]
+        flat = all(g == 1 for g in grid[1:])
+        return [(c[0] if flat and c else ".".join(map(str, c)) or 0, tuple(int(x) for x in c)) for c in coords]
+
+    def _chunk_file(self, array: zarr.Array, coords: Sequence[int]) -> Path | str:
+        key = array.metadata.encode_chunk_key(tuple(coords))  # "c/<i>/0/0"
+        return locations.join(self.path, *array.path.split("/"), *key.split("/"))
+
+    def read_block(
+        self, name: str, coords: Sequence[int], label: int | str, missing_ok: bool = False
+    ) -> np.ndarray | None:
+        """One chunk of array `name`; its file must exist (zarr would return the fill value for a lost one) unless
+        `missing_ok` (then None for an absent file)."""
+        with self._reading(name, label):
+            array = self._group[name]
+            if not locations.is_file(self._chunk_file(array, coords)):
+                if missing_ok:
+                    return None
+                raise StoreDamage(self.path, name, label, "is missing (no chunk file)", self.chunk_fix(label, name))
+            return np.asarray(array.get_block_selection(tuple(coords)))
+
+    def read_array(self, name: str, missing_ok: bool = False) -> np.ndarray:
+        """Array `name` whole; the error names the damaged chunk. `missing_ok`: chunk files may be absent (the done
+        flags of unfinished chunks read False)."""
+        self._own_process()
+        blocks = self.blocks(name)
+        try:
+            with self._reading(name, blocks[0][0] if len(blocks) == 1 else None):
+                array = self._group[name]
+                for label, coords in blocks if not missing_ok else ():
+                    if not locations.is_file(self._chunk_file(array, coords)):
+                        raise StoreDamage(self.path, name, label, "is missing (no chunk file)")
+                return np.asarray(array[...])
+        except StoreDamage as exc:
+            if exc.chunk is not None:
+                raise
+            for label, coords in blocks:  # which chunk: read them one by one (only after a failure)
+                self.read_block(name, coords, label, missing_ok)
+            raise
 
     def keys(self) -> list[str]:
         """Sample keys in global order."""
-        self._own_process()
-        with _quiet_zarr():
-            return [str(key) for key in self._group["keys"][:].tolist()]
+        return [str(key) for key in self.read_array("keys").tolist()]
 
     def labels(self) -> np.ndarray:
         """Labels (N,) int32, -1 = none."""
-        self._own_process()
-        return np.asarray(self._group["labels"][:], dtype=np.int32)
+        return np.asarray(self.read_array("labels"), dtype=np.int32)
 
     def head(self) -> tuple[np.ndarray, np.ndarray]:
         """Teacher classifier weight (C, D) and bias (C,), float32."""
-        self._own_process()
-        weight, bias = self._group["head/weight"][:], self._group["head/bias"][:]
+        weight, bias = self.read_array("head/weight"), self.read_array("head/bias")
         return np.asarray(weight, np.float32), np.asarray(bias, np.float32)
 
     def done(self) -> np.ndarray:
-        """(n_chunks,) bool, read fresh from disk (other writers may have filled chunks)."""
-        self._own_process()
-        return np.asarray(self._done[:], dtype=bool)
+        """(n_chunks,) bool, read fresh from disk (other writers may have filled chunks; an absent flag is False)."""
+        return np.asarray(self.read_array("done", missing_ok=True), dtype=bool)
 
     def write(self, i: int, start: int, stored: dict[str, np.ndarray], images: list[bytes] | None) -> None:
         """Write chunk i's arrays (whole chunks only), then mark it done; images live in the image shards."""
@@ -151,19 +234,42 @@ class ZarrStore:
     def read(self, i: int, start: int, stop: int) -> dict[str, np.ndarray]:
         """Stored (not decoded) arrays of chunk i."""
         self._own_process()
-        try:
-            for name, array in self._arrays.items():  # zarr would silently return zeros for a lost chunk file
-                if not locations.is_file(locations.join(self.path, name, "c", str(i), *["0"] * (array.ndim - 1))):
-                    raise FileNotFoundError(f"{name} chunk file missing")
-            return {name: array[start:stop] for name, array in self._arrays.items()}
-        except (*locations.network_errors(), ValueError, RuntimeError) as exc:
-            raise GenddError(
-                f"{self.path}: chunk {i} cannot be read ({one_line(exc)}): {rebuild_hint(self.path, 'the store')}"
-            ) from exc
+        out = {}
+        for name, array in self._arrays.items():
+            coords = (i, *[0] * (array.ndim - 1))
+            with self._reading(name, i):
+                if not locations.is_file(self._chunk_file(array, coords)):  # zarr would return zeros for a lost file
+                    raise StoreDamage(self.path, name, i, "is missing (no chunk file)", self.chunk_fix(i, name))
+                out[name] = array[start:stop]
+        return out
 
     def set_complete(self) -> None:
         """Mark the store complete (the last write of an extraction)."""
         self._group.attrs["complete"] = True
+
+    def damage_seen(self, done: np.ndarray, complete: bool) -> list[str]:
+        """Damage visible from file sizes alone (local stores): chunk files missing or too short to hold a checksum for
+        done chunks and for the arrays written at creation; done flags unset in a complete store."""
+        found = []
+
+        def check(name: str, label: int | str, coords: tuple[int, ...]) -> None:
+            file = Path(self._chunk_file(self._group[name], coords))
+            if not file.is_file():
+                found.append(f"{name} chunk {label}: chunk file missing")
+            elif file.stat().st_size < 4:  # not even the 4-byte crc32c
+                found.append(f"{name} chunk {label}: chunk file truncated ({file.stat().st_size} bytes)")
+
+        for name in self._arrays:
+            for i in np.flatnonzero(done):
+                check(name, int(i), (int(i), *[0] * (self._arrays[name].ndim - 1)))
+        for name in SMALL[:-1]:
+            for label, coords in self.blocks(name):
+                check(name, label, coords)
+        if complete:
+            for i in range(self.n_chunks):
+                if not Path(self._chunk_file(self._done, (i,))).is_file():
+                    found.append(f"done chunk {i}: not set in a complete store")
+        return found
 
     def stored_bytes(self) -> dict[str, int]:
         """Chunk bytes stored per array (without each array's small zarr.json); local stores only."""

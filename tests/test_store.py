@@ -4,6 +4,7 @@ import io
 import json
 import multiprocessing
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +157,10 @@ def test_webdataset_layout(tmp_path: Path) -> None:
     data = make_data()
     root = build(tmp_path, "int8", "webdataset", data) / "train-features"
     assert sorted(p.name for p in root.glob("*.tar")) == [f"train-{i:06d}.tar" for i in range(3)]
+    for i in range(3):  # each tar's CRC-32 and size beside it (a tar has no checksum over its contents)
+        tar = (root / f"train-{i:06d}.tar").read_bytes()
+        record = (root / f"train-{i:06d}.tar.crc32").read_text()
+        assert record == f"crc32 {zlib.crc32(tar):08x} bytes {len(tar)}\n"
     meta = json.loads((root / "meta.json").read_text())
     assert meta["complete"] is True and meta["codec"] == "int8" and meta["keys"] == data["keys"]
     assert meta["done"] == [True] * 3 and meta["labels"] == data["labels"].tolist()
@@ -272,6 +277,7 @@ def test_damaged_store_is_an_error_not_zeros(tmp_path: Path, damage: str) -> Non
     with pytest.raises(GenddError, match="delete") as error:
         cache.read(np.array([0, 5]))
     assert "\n" not in str(error.value)
+    assert ("logits chunk 1 " if fmt == "zarr" else "train-000001.tar chunk 1 ") in str(error.value)
     if damage.endswith("tar"):  # the advice works: delete the tar, and the writer redoes just that chunk
         target.unlink(missing_ok=True)
         assert open_writer(root, make_data(), make_meta(), fmt).pending_chunks() == [1]
