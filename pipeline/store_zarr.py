@@ -84,7 +84,9 @@ class ZarrStore:
         codec, n, k = attrs["codec"], len(keys), int(attrs["views"]["K"])
         widths = {"features": attrs["teacher"]["feature_dim"], "logits": attrs["teacher"]["num_classes"], "views": 5}
         compressors = _compressors(codec)
-        with _quiet_zarr():
+        # Every chunk gets a file, even one equal to the fill value (a zero head bias, all labels 0), so that a
+        # missing file always means a damaged store.
+        with _quiet_zarr(), zarr.config.set({"array.write_empty_chunks": True}):
             group = zarr.create_group(store=str(path), zarr_format=3, attributes=attrs)
             for name, dtype in stored_dtypes(codec).items():
                 shape = (n, k, int(widths[name])) if name in widths else (n, k)

@@ -303,6 +303,19 @@ def test_clean_caches_pass_verify(
             assert "ok: no problems found" in run.out and "scan: " in run.out
 
 
+def test_arrays_equal_to_the_fill_value_are_stored_not_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """zarr skips writing a chunk equal to the fill value; reads treat a missing file as damage, so none is skipped."""
+    data = make_data()
+    data["head_bias"], data["labels"] = np.zeros_like(data["head_bias"]), np.zeros_like(data["labels"])
+    root = build(tmp_path, data=data)
+    assert (root / "train.zarr/head/bias/c/0").is_file() and (root / "train.zarr/labels/c/0").is_file()
+    cache = open_cache(root, "train")
+    assert not cache.head_bias.any() and not cache.labels.any()
+    assert gendd(monkeypatch, capsys, "cache", "verify", root, "--samples", "0").code == 0
+
+
 def test_verify_options_that_cannot_work_are_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
