@@ -49,6 +49,8 @@ class DataOptions:
             raise GenddError(f"--data {self.mode!r} is unknown: choose one of {', '.join(DATA_MODES)}")
         if self.shuffle_buffer < 0:
             raise GenddError(f"--shuffle-buffer must be >= 0, got {self.shuffle_buffer}")
+        if self.workers < -1:
+            raise GenddError(f"--workers must be >= 0, or -1 for auto, got {self.workers}")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -14,8 +15,9 @@ from pipeline.data import DataOptions, open_train_input, train_device
 from pipeline.errors import GenddError
 from pipeline.evaluate import val_probe_evaluator
 from pipeline.head import GenerativeHead, HeadConfig
-from pipeline.locations import check_local_out, check_readable
+from pipeline.locations import check_readable
 from pipeline.models import ModelCard, feature_dim, load_model, save_model
+from pipeline.outputs import atomic_path, check_writable, write_json, write_text
 from pipeline.shards import load_index
 from pipeline.store import open_cache
 from pipeline.train import Student, TrainConfig, train
@@ -72,6 +74,17 @@ def _check_cache_views(cfg: DistillConfig) -> None:
         )
 
 
+def provenance(shards: str | Path, cache: str | Path | None) -> dict:
+    """What a student is trained from: the dataset spec, and the teacher checkpoint and feature cache it read."""
+    record = {}
+    if cache is not None:
+        meta = open_cache(cache, "train").meta
+        blob = json.dumps(asdict(meta), sort_keys=True).encode()
+        record["teacher checkpoint sha256"] = meta.teacher["checkpoint_sha256"]
+        record["feature cache"] = hashlib.sha256(blob).hexdigest()
+    return record | {"dataset spec": load_index(shards).spec_hash}
+
+
 def _log_live(out: Path, history: list[dict]) -> None:
     try:  # dvclive is optional (e.g. on a bare GPU host); the history JSON holds the same numbers
         from dvclive import Live
@@ -98,14 +111,15 @@ def distill(cfg: DistillConfig) -> dict:
     for location in (cfg.shards, cfg.cache):
         if location is not None:
             check_readable(location)
-    cfg = replace(cfg, out=check_local_out(cfg.out))
+    cfg = replace(cfg, out=check_writable(cfg.out))
     _check_cache_views(cfg)
     size = _input_size(cfg)
     data = open_train_input(cfg.shards, cfg.cache, cfg.data, train_device(cfg.train.cpu))
     info = data.info
     evaluator = val_probe_evaluator(cfg.shards, size, info.mean, info.std, cfg.data)
+    origin = provenance(cfg.shards, cfg.cache)
     started = time.perf_counter()
-    student, history = train(cfg.train, data, cfg.out, size, evaluator, cfg.resume)
+    student, history = train(cfg.train, data, cfg.out, size, evaluator, cfg.resume, origin)
     seconds = time.perf_counter() - started
     summary = {
         "method": cfg.train.method,
@@ -128,13 +142,19 @@ def distill(cfg: DistillConfig) -> dict:
         info.mean,
         info.std,
         feature_dim(student.net, in_chans, size),
-        extra={"method": cfg.train.method, "head": head_cfg, "probe": _probe_kind(cfg.train.method)},
+        extra={
+            "method": cfg.train.method,
+            "head": head_cfg,
+            "probe": _probe_kind(cfg.train.method),
+            "provenance": origin,
+        },
     )
+    if student.head is not None:  # before the student's card, which marks the export complete
+        with atomic_path(cfg.out / "head.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in student.head.state_dict().items()}, str(tmp))
     save_model(student.net, card, cfg.out, "student")
-    if student.head is not None:
-        save_file({k: v.contiguous() for k, v in student.head.state_dict().items()}, str(cfg.out / "head.safetensors"))
-    (cfg.out / "load_student.py").write_text(STANDALONE_LOADER)
-    (cfg.out / "train.json").write_text(json.dumps({**summary, "history": history}, indent=1))
+    write_text(cfg.out / "load_student.py", STANDALONE_LOADER)
+    write_json(cfg.out / "train.json", {**summary, "history": history})
     _log_live(cfg.out, history)
     return summary
 

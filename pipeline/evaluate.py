@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -14,8 +15,10 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.data import DataOptions
-from pipeline.errors import GenddError
+from pipeline.errors import GenddError, require, require_choice
+from pipeline.head import SAMPLERS
 from pipeline.models import features
+from pipeline.outputs import check_writable, save_figure, write_json
 from pipeline.views import IDENTITY, apply_views
 
 
@@ -28,6 +31,12 @@ class SamplingConfig:
     cfg_scale: float = 2.0
     n_samples: int = 5
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        require_choice("sampler", self.sampler, SAMPLERS)
+        require(self.steps >= 1, "steps", ">= 1", self.steps)
+        require(math.isfinite(self.cfg_scale) and self.cfg_scale >= 0, "cfg_scale", ">= 0 (1 = none)", self.cfg_scale)
+        require(self.n_samples >= 1, "n_samples", ">= 1", self.n_samples)
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
@@ -234,7 +243,7 @@ def write_metrics(metrics: dict, path: str | Path, sampling: SamplingConfig | No
     """Metrics JSON (DVC reads scalars from it); per-class lists stay in it for the report."""
     record = {**metrics, **({"sampling": asdict(sampling)} if sampling else {})}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(record, indent=1))
+    write_json(path, record)
 
 
 def _plot_per_class(metrics: dict, class_names: list[str], path: Path) -> None:
@@ -258,7 +267,7 @@ def _plot_per_class(metrics: dict, class_names: list[str], path: Path) -> None:
     ax.set_ylim(0, 100)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -276,14 +285,15 @@ def run_evaluation(
 ) -> dict:
     """Evaluate an exported student on a split: both paths, the teacher's own accuracy, per-class; write JSON + plot."""
     from pipeline.distill import load_student
-    from pipeline.locations import check_local_out, check_readable
+    from pipeline.locations import check_readable
     from pipeline.shards import load_index
     from pipeline.store import open_cache
 
+    require(batch_size >= 1, "batch_size", ">= 1", batch_size)
     for location in (shards, cache):
         if location is not None:
             check_readable(location)
-    out = check_local_out(out)
+    out = check_writable(out)
     index = load_index(shards)
     if not index.labeled:
         raise GenddError(f"{shards} has no labels: accuracy needs a labelled {split} split")
@@ -292,6 +302,13 @@ def run_evaluation(
     teacher_head, metrics = None, {"method": card["extra"]["method"], "student": card["name"]}
     if cache is not None:
         store = open_cache(cache, split, spec_hash=index.spec_hash)
+        trained_from = (card["extra"].get("provenance") or {}).get("teacher checkpoint sha256")
+        used = store.meta.teacher["checkpoint_sha256"]
+        if trained_from is not None and used != trained_from:  # the generative path would sample another teacher
+            raise GenddError(
+                f"{store.path} was made by teacher {used[:16]}, but {student_dir} was distilled from teacher "
+                f"{trained_from[:16]}: evaluate with the cache the student was distilled from"
+            )
         teacher_head = (torch.from_numpy(store.head_weight).float(), torch.from_numpy(store.head_bias).float())
     use_sampling = sampling if student.head is not None and teacher_head is not None else None
     n, batches = eval_batches(shards, cache, split, batch_size, data or DataOptions(), dev)

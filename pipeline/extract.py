@@ -20,10 +20,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.errors import GenddError
+from pipeline.errors import MIXED_PRECISION, GenddError, require, require_choice
 from pipeline.models import features, linear_head, load_card, load_model
-from pipeline.shards import ShardData, load_index, read_shard
-from pipeline.store import CacheMeta, FeatureCacheWriter, open_cache
+from pipeline.shards import ShardData, load_index
+from pipeline.store import CODECS, FORMATS, CacheMeta, FeatureCacheWriter
 from pipeline.views import ViewPolicy, apply_views, decode_shard_with_views
 
 
@@ -45,6 +45,17 @@ class ExtractConfig:
     mixed_precision: str = "no"
     cpu: bool = False
     workers: int = -1  # shard-decode processes; 0 = one thread; -1 = auto (processes only where cores are spare)
+
+    def __post_init__(self) -> None:
+        """Options in range before anything is written (a `--views 0` leaves nothing behind)."""
+        require(len(self.splits) > 0, "splits", "at least one split name", ",".join(self.splits))
+        require(self.num_views >= 1, "views", ">= 1 (view 0 is the plain image)", self.num_views)
+        require(self.eval_views >= 1, "eval_views", ">= 1", self.eval_views)
+        require(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+        require(self.workers >= -1, "workers", ">= 0, or -1 for auto", self.workers)
+        require_choice("codec", self.codec, CODECS)
+        require_choice("format", self.fmt, FORMATS)
+        require_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
 
 
 def decode_workers(requested: int) -> int:
@@ -208,10 +219,11 @@ def extract(cfg: ExtractConfig) -> list[dict]:
     """Extract every requested split (resumable, multi-process under `accelerate launch`); marks stores complete."""
     from accelerate import Accelerator
 
-    from pipeline.locations import check_local_out, check_readable
+    from pipeline.locations import check_readable
+    from pipeline.outputs import check_writable
 
     check_readable(cfg.shards)
-    cfg = replace(cfg, out=check_local_out(cfg.out))
+    cfg = replace(cfg, out=check_writable(cfg.out))
     # The decode processes start first and serve every split: forked before the teacher and CUDA are loaded, the
     # children are cheaper to fork and hold no CUDA state; one pool saves a second start-up for the val split.
     with _decoder(decode_workers(cfg.workers)) as reader:
@@ -233,32 +245,3 @@ def _start_workers(reader: Executor) -> None:
     """Fork a process pool's workers now (a fork pool starts all of them at its first task)."""
     if isinstance(reader, ProcessPoolExecutor):
         reader.submit(int).result()
-
-
-def verify_cache(cache: Path, split: str, teacher: Path, shards: Path, samples: int = 32, seed: int = 0) -> dict:
-    """Recompute random (sample, view) pairs with the teacher and compare with the cache (max abs / min cosine)."""
-    index = load_index(shards)
-    sha = teacher_fingerprint(teacher)["checkpoint_sha256"]
-    store = open_cache(cache, split, teacher_sha256=sha, spec_hash=index.spec_hash)
-    runner = TeacherRunner(teacher, torch.device("cpu"), None)
-    rng = np.random.default_rng(seed)
-    picks = np.sort(rng.choice(store.n, size=min(samples, store.n), replace=False))
-    view_of = rng.integers(0, store.K, size=len(picks))
-    cached = store.read(picks)
-    shard_set = index.split(split)
-    images, decoded = [], {}
-    for p in picks:
-        shard = int(np.searchsorted(shard_set.starts, p, side="right") - 1)
-        if shard not in decoded:  # each touched shard is decoded once
-            decoded[shard] = read_shard(shard_set.path(shard)).images
-        images.append(decoded[shard][p - shard_set.starts[shard]])
-    views = torch.from_numpy(cached["views"][np.arange(len(picks)), view_of])
-    feats, _ = runner(torch.stack(images), views)
-    stored = torch.from_numpy(cached["features"][np.arange(len(picks)), view_of])
-    cosine = torch.nn.functional.cosine_similarity(feats, stored, dim=1)
-    return {
-        "pairs": len(picks),
-        "max_abs_error": float((feats - stored).abs().max()),
-        "min_cosine": float(cosine.min()),
-        "feature_scale": float(feats.abs().max()),
-    }

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.errors import GenddError
+from pipeline.outputs import atomic_path, write_json
 
 
 @dataclass(frozen=True)
@@ -102,9 +103,13 @@ def save_model(model: nn.Module, card: ModelCard, out_dir: str | Path, stem: str
     out.mkdir(parents=True, exist_ok=True)
     weights = out / f"{stem}.safetensors"
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(weights))
-    record = {**asdict(card), "sha256": sha256_file(weights)}
-    (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # never export a model that cannot predict
+        raise GenddError(f"{stem} weights hold NaN or inf ({bad[0]}): nothing exported; lower --lr and train again")
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp))
+    # The card is written last: a card means its weights are whole.
+    write_json(out / f"{stem}.json", {**asdict(card), "sha256": sha256_file(weights)})
     return weights
 
 
@@ -113,7 +118,16 @@ def load_card(out_dir: str | Path, stem: str) -> dict:
     path = Path(out_dir) / f"{stem}.json"
     if not path.is_file():
         raise GenddError(f"{path} not found; run the stage that writes it (gendd teacher / gendd distill) first")
-    return json.loads(path.read_text())
+    try:
+        card = json.loads(path.read_text())
+    except ValueError as err:
+        raise GenddError(f"{path} is damaged ({err}): re-run the stage that wrote it") from err
+    missing = [
+        k for k in ("name", "num_classes", "in_chans", "small_stem") if not isinstance(card, dict) or k not in card
+    ]
+    if missing:
+        raise GenddError(f"{path} lacks {', '.join(missing)}: re-run the stage that wrote it")
+    return card
 
 
 def load_model(out_dir: str | Path, stem: str) -> tuple[nn.Module, dict]:
@@ -124,7 +138,14 @@ def load_model(out_dir: str | Path, stem: str) -> tuple[nn.Module, dict]:
     if not weights.is_file():
         raise GenddError(f"{weights} not found next to its card; re-run the stage that writes it")
     try:
-        model.load_state_dict(load_file(str(weights)))
+        state = load_file(str(weights))
+    except Exception as err:  # safetensors' own error type for a damaged header or a truncated file
+        raise GenddError(f"{weights} is damaged ({str(err).splitlines()[0]}): re-run the stage that wrote it") from err
+    try:
+        model.load_state_dict(state)
     except RuntimeError as err:
         raise GenddError(f"{weights} does not fit {card['name']}: {str(err).splitlines()[0]}") from err
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise GenddError(f"{weights}: weight {bad[0]} holds NaN or inf: train the model again")
     return model.eval(), card

@@ -42,6 +42,10 @@ class ObjectiveConfig:
             raise GenddError(f"kd_tau must be positive, got {self.kd_tau}")
         if self.logit_adjust < 0:
             raise GenddError(f"logit_adjust must be >= 0 (0 = plain cross-entropy), got {self.logit_adjust}")
+        if not self.mixup_beta >= 0:
+            raise GenddError(f"mixup_beta must be >= 0 (0 = off), got {self.mixup_beta}")
+        if not self.kd_alpha >= 0:
+            raise GenddError(f"kd_alpha must be >= 0, got {self.kd_alpha}")
 
 
 def contract_targets(features: Tensor, labels: Tensor | None, centres: Tensor | None, lam: float) -> Tensor:

@@ -73,3 +73,10 @@ def write_text(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, value: Any, indent: int | None = 1) -> None:
     """Write a JSON file atomically."""
     write_text(path, json.dumps(value, indent=indent))
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 100) -> None:
+    """Save a matplotlib figure atomically (the format named explicitly: the temporary name has no .png)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from pipeline.errors import GenddError
+from pipeline.outputs import check_writable, save_figure, write_json, write_text
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -17,14 +18,32 @@ def _probe(row: dict) -> float | None:
     return None if row.get("probe_untrained") else row.get("probe_top1")
 
 
+def _read_json(path: Path, run: str, stage: str, needs: tuple[str, ...]) -> dict:
+    """A run's JSON record, or one line naming the run, the file and the stage that rewrites it."""
+    fix = f"re-run gendd {stage} for run {run!r}, or remove its directory"
+    if not path.is_file():
+        raise GenddError(f"run {run!r}: {path} is missing: {fix}")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise GenddError(f"run {run!r}: {path} is unreadable ({type(err).__name__}: {err}): {fix}") from err
+    missing = [key for key in needs if not isinstance(record, dict) or key not in record]
+    if missing:
+        raise GenddError(f"run {run!r}: {path} lacks {', '.join(missing)}: {fix}")
+    return record
+
+
 def collect(evals: Path, students: Path) -> list[dict]:
-    """One row per evaluated student x method, joined with its training summary."""
+    """One row per evaluated student x method (every directory under `evals`), joined with its training summary;
+    a run whose metrics or training record is missing or damaged is named, never dropped."""
     rows = []
-    for metrics_path in sorted(evals.glob("*/metrics.json")):
-        metrics = json.loads(metrics_path.read_text())
-        train_path = students / metrics_path.parent.name / "train.json"
-        history = json.loads(train_path.read_text())["history"] if train_path.is_file() else []
-        rows.append({"run": metrics_path.parent.name, **metrics, "history": history})
+    if not evals.is_dir():
+        raise GenddError(f"{evals} is not a directory of evaluations: run gendd evaluate (or dvc repro) first")
+    for run_dir in sorted(p for p in evals.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        run = run_dir.name
+        metrics = _read_json(run_dir / "metrics.json", run, "evaluate", ("method", "student", "probe_top1"))
+        history = _read_json(students / run / "train.json", run, "distill", ("history",))["history"]
+        rows.append({"run": run, **metrics, "history": history})
     if not rows:
         raise GenddError(f"no */metrics.json under {evals}; run gendd evaluate (or dvc repro) first")
     return rows
@@ -72,7 +91,7 @@ def _plots(rows: list[dict], out: Path) -> None:
     ax.set_ylabel("val top-1 (%)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=100)
+    save_figure(fig, out / "accuracy.png")
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 3.4))
     for r in runs:
@@ -83,28 +102,27 @@ def _plots(rows: list[dict], out: Path) -> None:
     ax.set_ylabel("val probe top-1 (%)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
+    save_figure(fig, out / "curves.png")
     plt.close(fig)
 
 
 def write_report(evals: Path, students: Path, out: str | Path, cache: Path | None = None) -> str:
     """Write report.md, summary.json (DVC metrics), curves.csv (DVC plot) and PNG plots; return the Markdown."""
-    from pipeline.locations import check_local_out
     from pipeline.store import open_cache
 
-    out = check_local_out(out)
+    out = check_writable(out)
     rows = collect(evals, students)
     info = open_cache(cache, "train").info() if cache is not None else None
     table = markdown_table(rows, info)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text("# GenDD comparison\n\n" + table)
+    write_text(out / "report.md", "# GenDD comparison\n\n" + table)
     summary = {r["run"]: {k: r[k] for k in ("probe_top1", "generative_top1", "train_seconds") if k in r} for r in rows}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "summary.json", summary)
     curve_rows = ["run,epoch,val_probe_top1,loss"]
     for r in rows:
         curve_rows += [
             f"{r['run']},{h['epoch']},{h.get('val_probe_top1', '')},{h.get('loss', '')}" for h in r["history"]
         ]
-    (out / "curves.csv").write_text("\n".join(curve_rows) + "\n")
+    write_text(out / "curves.csv", "\n".join(curve_rows) + "\n")
     _plots(rows, out)
     return table

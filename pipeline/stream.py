@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data import DataOptions, EpochPlan, InputInfo, fresh_views, stats_chunks, stream_workers, view_plan
 from pipeline.errors import GenddError
-from pipeline.shards import ShardSet, decode_shard, load_index
+from pipeline.shards import ShardSet, decode_shard, load_index, shard_count_error
 
 _ERROR = "error"  # a worker's GenddError travels to the main process as a batch with this key
 
@@ -53,10 +53,7 @@ class _Shards:
         keys, images, labels, _ = decode_shard(location)
         start, count = self.set.starts[i], self.set.counts[i]
         if len(keys) != count:
-            raise GenddError(
-                f"{location}: {len(keys)} samples, index.json says {count}: the shard is truncated or replaced; "
-                "re-run gendd prepare (and gendd extract)"
-            )
+            raise shard_count_error(self.set, i, len(keys))
         index = np.arange(start, start + count, dtype=np.int64)
         k = self.cache.K if self.cache is not None else 0
         view = view_plan(plan.seed, plan.epoch, index, k) if plan is not None and k else np.zeros(count, np.int64)

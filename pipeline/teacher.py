@@ -10,9 +10,10 @@ import torch
 from pipeline.data import DataOptions, open_train_input, train_device
 from pipeline.errors import GenddError
 from pipeline.evaluate import val_probe_evaluator
-from pipeline.locations import check_local_out, check_readable
+from pipeline.locations import check_readable
 from pipeline.models import ModelCard, create_model, feature_dim, save_model
 from pipeline.objectives import ObjectiveConfig
+from pipeline.outputs import check_writable
 from pipeline.shards import load_index
 from pipeline.train import Student, TrainConfig, train
 
@@ -48,7 +49,7 @@ def _load_weights(model: torch.nn.Module, path: Path) -> None:
 def make_teacher(cfg: TeacherConfig) -> dict:
     """Train (or load) the teacher and save `teacher.safetensors` + `teacher.json`; returns the card."""
     check_readable(cfg.shards)
-    cfg = replace(cfg, out=check_local_out(cfg.out))
+    cfg = replace(cfg, out=check_writable(cfg.out))
     index = load_index(cfg.shards)
     spec = index.spec
     size = cfg.train.input_size or int(spec["image_size"])

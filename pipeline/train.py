@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,10 +14,11 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.data import EpochPlan, InputInfo, MemoryInput, TrainData, TrainInput
-from pipeline.errors import GenddError
-from pipeline.head import GenerativeHead, HeadConfig
+from pipeline.errors import MIXED_PRECISION, GenddError, require, require_choice
+from pipeline.head import PREDICTIONS, GenerativeHead, HeadConfig
 from pipeline.models import create_model, feature_dim, features
 from pipeline.objectives import (
+    METHODS,
     SUPERVISED,
     USES_HEAD,
     ObjectiveConfig,
@@ -28,6 +28,7 @@ from pipeline.objectives import (
     kl_loss,
     warmstart_loss,
 )
+from pipeline.outputs import atomic_path
 from pipeline.views import ViewPolicy, apply_views
 
 
@@ -60,6 +61,31 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "no"
     cpu: bool = False
+
+    def __post_init__(self) -> None:
+        """Every setting in range before any work (the CLI passes options through unchanged)."""
+        require(self.epochs >= 1, "epochs", ">= 1", self.epochs)
+        require(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+        require(math.isfinite(self.lr) and self.lr > 0, "lr", "a positive number", self.lr)
+        require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+        require(
+            0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", f"in [0, epochs={self.epochs}]", self.warmup_epochs
+        )
+        require(
+            0 <= self.warmstart_epochs < self.epochs,
+            "warmstart_epochs",
+            f"in [0, epochs={self.epochs}) (the warm start is the first epochs of the run)",
+            self.warmstart_epochs,
+        )
+        for name in ("head_token_dim", "head_width", "head_depth", "diffusion_batch_mul"):
+            value = getattr(self, name)
+            require(value >= 1, name.removeprefix("head_"), ">= 1", value)
+        require(0 <= self.cond_dropout < 1, "cond_dropout", "in [0, 1)", self.cond_dropout)
+        require(self.head_lr_mult > 0, "head_lr_mult", "positive", self.head_lr_mult)
+        require_choice("head_prediction", self.head_prediction, PREDICTIONS)
+        require(self.input_size is None or self.input_size >= 1, "input_size", ">= 1", self.input_size)
+        require_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        require_choice("method", self.method, METHODS)
 
     def fingerprint(self) -> str:
         """Stable text of the settings, stored in checkpoints."""
@@ -160,8 +186,6 @@ def check_data_serves(cfg: TrainConfig, info: InputInfo) -> None:
         raise GenddError(f"method {cfg.method} needs the teacher feature cache: pass --cache (run gendd extract)")
     if cfg.objective.logit_adjust and cfg.method not in SUPERVISED:
         raise GenddError(f"logit_adjust shifts the label cross-entropy, which {cfg.method} has none of; set it to 0")
-    if cfg.warmstart_epochs and not 0 <= cfg.warmstart_epochs < cfg.epochs:
-        raise GenddError(f"warmstart_epochs ({cfg.warmstart_epochs}) must be fewer than epochs ({cfg.epochs})")
 
 
 def param_groups(model: Student, weight_decay: float, head_lr_mult: float = 1.0) -> list[dict]:
@@ -195,17 +219,28 @@ def schedule(step: int, total: int, warmup: int, cfg: TrainConfig) -> tuple[floa
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a kill mid-save leaves the previous epoch's checkpoint intact
+    with atomic_path(path) as tmp:  # a kill or a full disk mid-save leaves the previous epoch's checkpoint intact
+        torch.save(state, tmp)
 
 
-def _load_checkpoint(path: Path, cfg: TrainConfig, resume: bool) -> dict | None:
+def _load_checkpoint(path: Path, cfg: TrainConfig, resume: bool, provenance: dict) -> dict | None:
     if not resume or not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises several types for a damaged file (pickle, zip, EOF)
+        raise GenddError(f"{path} is damaged ({type(err).__name__}): delete it, or pass --no-resume") from err
     if state["fingerprint"] != cfg.fingerprint():
         raise GenddError(f"{path} was written with other settings; delete it (or the output dir) or pass --no-resume")
+    found = state.get("provenance", {})
+    keys = [*provenance, *(key for key in found if key not in provenance)]  # the teacher first: the likeliest mix-up
+    differs = [key for key in keys if found.get(key) != provenance.get(key)]
+    if differs:  # resuming would mix two teachers (or datasets) in one student
+        key = differs[0]
+        raise GenddError(
+            f"{path} was trained from {key} {str(found.get(key))[:16]}, this run reads {str(provenance.get(key))[:16]}:"
+            " pass the original cache and shards, or --no-resume to start over"
+        )
     return state
 
 
@@ -228,7 +263,7 @@ class _Run:
         return sum(self.epoch_steps)
 
 
-def _start_run(cfg: TrainConfig, data: TrainInput, input_size: int, ckpt_path: Path, resume: bool):
+def _start_run(cfg: TrainConfig, data: TrainInput, input_size: int, ckpt_path: Path, resume: bool, provenance: dict):
     """Build model and optimizer, restore a checkpoint if one matches; returns (run, first epoch, history)."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
@@ -243,7 +278,7 @@ def _start_run(cfg: TrainConfig, data: TrainInput, input_size: int, ckpt_path: P
     model = build_student(cfg, data.info, input_size, stats)
     groups = param_groups(model, cfg.weight_decay, cfg.head_lr_mult)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2_start))
-    state = _load_checkpoint(ckpt_path, cfg, resume)
+    state = _load_checkpoint(ckpt_path, cfg, resume, provenance)
     start, history = 0, []
     if state is not None:
         model.load_state_dict(state["model"])
@@ -275,6 +310,16 @@ def batch_targets(
     return {k: v.to(device, non_blocking=True) for k, v in out.items() if v is not None}
 
 
+def _stop_if_diverged(first_bad: int, epoch: int, lr: float) -> None:
+    """Stop at a non-finite loss: the epoch's weights are not saved, the checkpoint keeps the last good epoch."""
+    if first_bad >= 0:
+        kept = f"the checkpoint keeps epoch {epoch}" if epoch else "nothing was saved"
+        raise GenddError(
+            f"epoch {epoch + 1} step {first_bad + 1}: the training loss is NaN or inf ({kept}): lower --lr "
+            f"(now {lr:g}) or check the inputs with gendd cache verify"
+        )
+
+
 def _join(run: _Run):
     """Under DDP, ranks may get uneven batch counts from the stream: the ones done first shadow the others'
     all-reduces (torch Join), so no rank waits forever and no sample is dropped."""
@@ -295,6 +340,7 @@ def _train_epoch(run: _Run, cfg: TrainConfig, epoch: int, input_size: int) -> di
     warm = run.has_proj and epoch < cfg.warmstart_epochs
     first = sum(run.epoch_steps[:epoch])
     sums: dict[str, torch.Tensor] = {}
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss, -1 = none
     steps = images = 0
     lr = cfg.lr
     started = time.perf_counter()
@@ -315,9 +361,14 @@ def _train_epoch(run: _Run, cfg: TrainConfig, epoch: int, input_size: int) -> di
             run.optimizer.step()
             for key, value in logs.items():  # summed on the device: no host sync per step
                 sums[key] = sums.get(key, 0.0) + value.float()
+            bad = ~torch.isfinite(loss.detach()) & (first_bad < 0)
+            first_bad = torch.where(bad, torch.full_like(first_bad, steps), first_bad)
             steps, images = steps + 1, images + len(pixels)
+            if steps % 50 == 0:  # a host sync every 50 steps: a diverged run stops soon, not at the epoch's end
+                _stop_if_diverged(int(first_bad), epoch, cfg.lr)
             bar.update()
     bar.close()
+    _stop_if_diverged(int(first_bad), epoch, cfg.lr)
     seconds = time.perf_counter() - started
     if acc.num_processes > 1:  # samples every rank trained on: the stream mode's "each sample once" is checkable
         images = int(acc.reduce(torch.tensor([images], device=device), reduction="sum"))
@@ -333,15 +384,19 @@ def train(
     input_size: int,
     evaluate_fn=None,
     resume: bool = True,
+    provenance: dict | None = None,
 ) -> tuple[Student, list[dict]]:
-    """Train for cfg.epochs, checkpointing every epoch (resumes from one); returns the student and its history."""
+    """Train for cfg.epochs, checkpointing every epoch (resumes from one); returns the student and its history.
+    `provenance` (teacher checkpoint, cache and dataset fingerprints) is kept in the checkpoint: a resume that reads
+    other inputs is refused."""
+    provenance = provenance or {}
     if isinstance(data, TrainData):
         data = MemoryInput(data)
     check_data_serves(cfg, data.info)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
-    run, start, history = _start_run(cfg, data, input_size, ckpt_path, resume)
+    run, start, history = _start_run(cfg, data, input_size, ckpt_path, resume, provenance)
     acc = run.accelerator
     for epoch in range(start, cfg.epochs):
         record = _train_epoch(run, cfg, epoch, input_size)
@@ -352,6 +407,7 @@ def train(
         if acc.is_main_process:
             state = {
                 "fingerprint": cfg.fingerprint(),
+                "provenance": provenance,
                 "epoch": epoch,
                 "history": history,
                 "rng": torch.get_rng_state(),

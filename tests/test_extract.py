@@ -21,7 +21,7 @@ import zarr
 from torch import nn
 
 from pipeline.errors import GenddError
-from pipeline.extract import ExtractConfig, TeacherRunner, extract, extract_split, verify_cache
+from pipeline.extract import ExtractConfig, TeacherRunner, extract, extract_split
 from pipeline.models import ModelCard, create_model, feature_dim, features, linear_head, save_model, sha256_file
 from pipeline.shards import ShardIndex, read_shard
 from pipeline.store import FeatureCacheWriter, open_cache
@@ -379,13 +379,15 @@ def test_resume_with_other_views_is_refused(cfg: ExtractConfig, reference: Path)
 def test_verify_refuses_another_teacher(
     reference: Path, digits_shards: ShardIndex, tmp_path: Path, teacher: Teacher
 ) -> None:
+    from pipeline.verify import verify
+
     other = _make_teacher(tmp_path, digits_shards, 1, {"spec_hash": digits_shards.spec_hash})
     assert other.sha256 != teacher.sha256
-    with pytest.raises(GenddError) as err:
-        verify_cache(reference, "train", other.dir, digits_shards.root, samples=4)
-    _one_line_with_fix(err, "gendd extract with this teacher")
-    ok = verify_cache(reference, "train", teacher.dir, digits_shards.root, samples=4)
-    assert ok["pairs"] == 4 and ok["max_abs_error"] <= 1e-3 * ok["feature_scale"]
+    refused = verify(reference, "train", teacher=other.dir, shards=digits_shards.root, samples=4, quick=True)
+    assert len(refused.problems) == 1 and "teacher checkpoint sha256" in refused.problems[0].what
+    ok = verify(reference, "train", teacher=teacher.dir, shards=digits_shards.root, samples=4, progress=False)
+    assert not ok.problems and ok.replay["pairs"] == 4
+    assert ok.replay["max_abs_error"] <= 1e-3 * ok.replay["feature_scale"]
 
 
 # ---- the CLI ----------------------------------------------------------------------------------------------------

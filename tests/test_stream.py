@@ -24,11 +24,13 @@ from .conftest import serve_http
 K, D = 3, 8
 
 
-def build_cache(shards: ShardIndex, root: Path, fmt: str = "zarr", split: str = "train") -> Path:
+def build_cache(
+    shards: ShardIndex, root: Path, fmt: str = "zarr", split: str = "train", teacher_sha: str = "a" * 64
+) -> Path:
     """A cache aligned with the shards whose feature[i, k, 0] = i * K + k: a batch shows which (sample, view) it got."""
     keys, labels = shards.split(split).keys_and_labels()
     n, c = len(keys), int(shards.spec["num_classes"])
-    teacher = {"name": "t", "checkpoint_sha256": "a" * 64, "feature_dim": D, "num_classes": c}
+    teacher = {"name": "t", "checkpoint_sha256": teacher_sha, "feature_dim": D, "num_classes": c}
     teacher |= {"input_size": 8, "mean": (0.5,), "std": (0.25,)}
     meta = CacheMeta(
         teacher=teacher,

@@ -100,13 +100,14 @@ def test_refusals_are_one_line() -> None:
     cases = [
         (TINY, _data(labeled=False), "needs labels"),
         (replace(TINY, method="kd", objective=ObjectiveConfig("kd")), _data(cached=False), "cache"),
-        (replace(TINY, warmstart_epochs=3), _data(), "warmstart_epochs"),
         (replace(TINY, method="kl", objective=ObjectiveConfig("kl", logit_adjust=1.0)), _data(), "logit_adjust"),
     ]
     for cfg, data, words in cases:
         with pytest.raises(GenddError, match=words) as info:
             check_data_serves(cfg, _info(data))
         assert "\n" not in str(info.value)
+    with pytest.raises(GenddError, match="--warmstart-epochs must be in"):
+        replace(TINY, warmstart_epochs=3)  # refused when the settings are made, before any data is read
     with pytest.raises(GenddError, match="token_dim 16 does not divide"):
         build_student(TINY, _info(_shrink(_data(), 24)), 8)
 
@@ -172,3 +173,17 @@ def test_unsupervised_methods_never_see_labels_even_in_the_warm_start(tmp_path: 
     cfg = replace(TINY, method="gendd_unsup", objective=ObjectiveConfig("gendd_unsup", contraction=0.0), epochs=2)
     train(cfg, _data(), tmp_path, 8)  # labelled data, warm start on: the warm start matches teacher logits instead
     assert seen and not any(seen)
+
+
+@pytest.mark.parametrize("labels", ["shuffled", "absent"])
+def test_unsupervised_warm_start_trains_the_same_weights_whatever_the_labels(tmp_path: Path, labels: str) -> None:
+    cfg = replace(TINY, method="gendd_unsup", objective=ObjectiveConfig("gendd_unsup"), epochs=2)
+    reference, _ = train(cfg, _data(), tmp_path / "reference", 8)
+    other = _data()  # the same images, features and teacher logits; only the labels differ
+    gen = torch.Generator().manual_seed(1)
+    perm = torch.randperm(len(other.labels), generator=gen)
+    other.labels = other.labels[perm] if labels == "shuffled" else torch.full_like(other.labels, -1)
+    assert not torch.equal(other.labels, _data().labels)
+    student, _ = train(cfg, other, tmp_path / "other", 8)
+    for (name, a), b in zip(reference.state_dict().items(), student.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
