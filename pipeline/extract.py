@@ -223,6 +223,7 @@ def extract(cfg: ExtractConfig) -> list[dict]:
     from pipeline.outputs import check_writable
 
     check_readable(cfg.shards)
+    teacher_fingerprint(cfg.teacher)  # a missing or damaged teacher is refused before the output folder is made
     cfg = replace(cfg, out=check_writable(cfg.out))
     # The decode processes start first and serve every split: forked before the teacher and CUDA are loaded, the
     # children are cheaper to fork and hold no CUDA state; one pool saves a second start-up for the val split.

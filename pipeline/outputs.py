@@ -48,6 +48,8 @@ def check_writable(out: str | Path) -> Path:
         probe.write_bytes(b"gendd")
         probe.unlink()
     except OSError as err:
+        if err.filename is not None and Path(err.filename) == probe:
+            err = OSError(err.errno, err.strerror, str(root))
         raise GenddError(f"cannot write the output: {os_error_line(err)}") from err
     return root
 
@@ -60,6 +62,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as err:
+        if err.filename is not None and Path(err.filename) == tmp:  # name the file the user asked for
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
