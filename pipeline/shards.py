@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from pipeline import locations
 from pipeline.errors import GenddError
-from pipeline.sources import Sample, iter_source
+from pipeline.sources import Sample, SourceMissing, inspect_source, iter_source
 from pipeline.specs import DataSpec
 
 if TYPE_CHECKING:  # imported where tensors are built: shard-decode processes start without torch
@@ -90,6 +91,11 @@ class ShardIndex:
     def labeled(self) -> bool:
         """Whether the shards carry labels."""
         return bool(self.spec["labeled"])
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The class names in label order (an image folder's folder names when its spec lists none); may be empty."""
+        return tuple(self.spec.get("class_names") or ())
 
 
 def _encode(sample: Sample) -> dict:
@@ -291,22 +297,54 @@ def _summary(names: list[str], most: int = 5) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
+def _drop_stale_shards(root: Path, split: str, keep: list[str]) -> None:
+    """Remove shards of `split` that its new entry does not list (the split shrank when its source changed)."""
+    pattern = re.compile(re.escape(split) + r"-\d{6}\.tar")
+    for path in root.glob("*.tar"):
+        if pattern.fullmatch(path.name) and path.name not in keep:
+            path.unlink()
+
+
 def prepare_shards(
     spec: DataSpec, out: str | Path, shard_size: int = 1000, max_samples: int | None = None
 ) -> tuple[ShardIndex, bool]:
     """Write every split of `spec` as shards; returns (index, wrote) and writes nothing when already up to date:
-    every shard and keys file on disk with the size and sha256 index.json records for these settings. A missing or
-    damaged shard is rewritten (shards are deterministic, so it comes back byte for byte) and `wrote` is True."""
+    the source's fingerprint (local files: names, sizes, modification times) is the one index.json records, and
+    every shard and keys file is on disk with the size and sha256 index.json records for these settings. A split
+    whose source changed is read again (shards that come out the same are kept); a missing or damaged shard is
+    rewritten (shards are deterministic, so it comes back byte for byte). `wrote` is True when anything was."""
     if shard_size < 1:
         raise GenddError(f"shard size must be >= 1, got {shard_size}")
     root = locations.check_local_out(out)
     signature = {"spec_hash": spec.spec_hash, "shard_size": shard_size, "max_samples": max_samples}
     previous, distrust = _previous_splits(root, signature)
-    intact = {split: split in previous and _intact(root, previous[split]) for split in spec.splits}
-    if previous and all(intact.values()) and set(previous) == set(spec.splits):
+    complete = bool(previous) and set(previous) == set(spec.splits)
+    try:
+        state = inspect_source(spec)
+    except SourceMissing as err:
+        if not (complete and all(_intact(root, previous[split]) for split in spec.splits)):
+            raise
+        print(f"note: {err}: cannot check the source for changes; the shards are as index.json records", flush=True)
+        return load_index(root), False
+    changed = {
+        split: "source_fingerprint" in previous[split]
+        for split in spec.splits
+        if split in previous and previous[split].get("source_fingerprint") != state.fingerprints[split]
+    }  # split -> whether index.json had a fingerprint (else it is from an older gendd)
+    intact = {
+        split: split in previous and split not in changed and _intact(root, previous[split]) for split in spec.splits
+    }
+    if complete and all(intact.values()):
         return load_index(root), False
     if distrust:
         print(f"note: {distrust}: checking every shard against the spec and rewriting index.json", flush=True)
+    for split, had in changed.items():
+        why = "its source changed since the last prepare (files added, removed or modified)"
+        if not had:
+            why = "index.json has no fingerprint of its source (written by an older gendd)"
+        print(f"note: split {split!r}: {why}: reading it again", flush=True)
+    for note in state.notes:
+        print(f"note: {note}", flush=True)
     # The marker says which settings the shards on disk were made with: finished shards of a killed run with the
     # same settings are kept when they hold the bytes they would be written with, anything else is cleared so no
     # stale shard survives.
@@ -318,17 +356,22 @@ def prepare_shards(
     root.mkdir(parents=True, exist_ok=True)
     (root / INDEX).unlink(missing_ok=True)  # written last again: while it is absent no stage trusts these shards
     marker.write_text(json.dumps(signature))
+    resolved = state.spec  # an image folder's class names (and their number) filled in from its folders
     splits = {}
     for split in spec.splits:
+        fingerprint = {"source_fingerprint": state.fingerprints[split]}
         if intact[split]:
-            splits[split] = previous[split]  # every file as recorded: the source need not be read again
+            splits[split] = previous[split] | fingerprint  # every file as recorded: the source need not be read again
             continue
-        recorded = _recorded(previous[split]) if split in previous else {}
-        splits[split], redone = _write_split(spec, split, root, shard_size, max_samples, recorded)
-        if redone:
+        # A changed source invalidates what index.json recorded: every shard is encoded again and compared by bytes.
+        recorded = _recorded(previous[split]) if split in previous and split not in changed else {}
+        entry, redone = _write_split(resolved, split, root, shard_size, max_samples, recorded)
+        splits[split] = entry | fingerprint
+        _drop_stale_shards(root, split, entry["shards"])
+        if redone and split not in changed:
             print(f"note: rewrote {split} files that were missing or damaged: {_summary(redone)}", flush=True)
-    spec_fields = {k: v for k, v in spec.__dict__.items() if k != "path"}
-    record = {"spec": spec_fields, **signature, "splits": splits}
+    spec_fields = {k: v for k, v in resolved.__dict__.items() if k != "path"}
+    record = {"spec": spec_fields, **signature, "class_names": list(resolved.class_names), "splits": splits}
     record["index_sha256"] = _record_hash(record)
     tmp = root / (INDEX + ".tmp")
     tmp.write_text(json.dumps(record, indent=1, default=list))

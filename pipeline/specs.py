@@ -55,7 +55,7 @@ _FIELDS: dict[str, tuple[type | tuple[type, ...], bool]] = {
     "name": (str, True),
     "source": (str, True),
     "splits": (dict, True),
-    "num_classes": (int, True),
+    "num_classes": (int, False),  # required unless class_names gives it or an image_folder's folders do
     "image_size": (int, True),
     "channels": (int, True),
     "mean": (list, True),
@@ -88,6 +88,10 @@ def _check_types(raw: dict, path: Path) -> None:
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
             raise _fail(path, key, f"{names}, got {type(value).__name__} {value!r}")
+    if "num_classes" not in raw and "class_names" not in raw and raw["source"] != "image_folder":
+        raise _fail(path, "num_classes", "a value, but it is missing (or list the classes in class_names)")
+    if "num_classes" in raw and raw["num_classes"] < 1:
+        raise _fail(path, "num_classes", f"a positive number, got {raw['num_classes']}")
 
 
 def _check_values(spec: DataSpec, path: Path) -> None:
@@ -97,7 +101,11 @@ def _check_values(spec: DataSpec, path: Path) -> None:
         raise _fail(path, "path", f"the location of the {spec.source} data (or pass --source-path)")
     if not spec.splits or not all(isinstance(v, str) for v in spec.splits.values()):
         raise _fail(path, "splits", "a mapping split name -> source locator (string), e.g. {train: train}")
-    if spec.num_classes < 1 or spec.image_size < 1 or spec.channels not in (1, 3):
+    if (
+        spec.num_classes < (0 if spec.source == "image_folder" else 1)
+        or spec.image_size < 1
+        or spec.channels not in (1, 3)
+    ):
         raise _fail(path, "num_classes/image_size/channels", "positive sizes and 1 or 3 channels")
     for key in ("mean", "std"):
         values = getattr(spec, key)
@@ -109,7 +117,14 @@ def _check_values(spec: DataSpec, path: Path) -> None:
     if not all(v > 0 for v in spec.std):
         raise _fail(path, "std", f"positive numbers (pixels are divided by them), got {list(spec.std)}")
     if spec.class_names and len(spec.class_names) != spec.num_classes:
-        raise _fail(path, "class_names", f"{spec.num_classes} names, got {len(spec.class_names)}")
+        raise _fail(path, "class_names", f"{spec.num_classes} names (num_classes), got {len(spec.class_names)}")
+    if not all(isinstance(n, (str, int)) and not isinstance(n, bool) for n in spec.class_names):
+        raise _fail(path, "class_names", f"a list of names (strings), got {list(spec.class_names)}")
+    if len(set(spec.class_names)) != len(spec.class_names):
+        twice = sorted({n for n in spec.class_names if spec.class_names.count(n) > 1}, key=str)
+        raise _fail(path, "class_names", f"distinct names, got {', '.join(map(str, twice))} more than once")
+    if spec.source == "image_folder" and not all(isinstance(n, str) and n for n in spec.class_names):
+        raise _fail(path, "class_names", f"folder names (strings; quote numbers), got {list(spec.class_names)}")
     if not 0.0 < spec.val_fraction < 1.0:
         raise _fail(path, "val_fraction", f"a number in (0, 1), got {spec.val_fraction}")
     if not (math.isfinite(spec.imbalance_factor) and spec.imbalance_factor >= 1.0):
@@ -135,6 +150,9 @@ def load_spec(path: str | Path, source_path: str | None = None) -> DataSpec:
     for key in ("mean", "std", "class_names", "imbalance_splits"):
         if key in values:
             values[key] = tuple(values[key])
+    # num_classes left out: the number of class_names, else 0 = an image_folder's number of class folders (prepare
+    # fills in the folder names and their number; the spec hash is of the spec as written)
+    values.setdefault("num_classes", len(values.get("class_names", ())))
     values["val_fraction"] = float(values.get("val_fraction", 0.2))
     values["imbalance_factor"] = float(values.get("imbalance_factor", 1.0))
     spec = DataSpec(**values)

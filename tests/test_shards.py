@@ -1,5 +1,6 @@
 import gzip
 import json
+import os
 import re
 import struct
 import tarfile
@@ -10,7 +11,15 @@ import numpy as np
 import pytest
 
 from pipeline.errors import GenddError
-from pipeline.shards import file_digest, load_index, load_split, prepare_shards, read_shard, read_shard_labels
+from pipeline.shards import (
+    _record_hash,
+    file_digest,
+    load_index,
+    load_split,
+    prepare_shards,
+    read_shard,
+    read_shard_labels,
+)
 from pipeline.sources import iter_source, long_tail_indices
 from pipeline.specs import load_spec
 
@@ -235,3 +244,31 @@ def test_damaged_shard_without_the_settings_marker_rewrites_every_split(tmp_path
     index, wrote = prepare_shards(spec, tmp_path, shard_size=50, max_samples=120)
     assert wrote and {p.name: p.read_bytes() for p in tmp_path.glob("*.tar")} == original
     assert len(load_split(index.split("train")).keys) == 120
+
+
+def test_changed_idx_files_are_read_again_and_an_old_index_without_a_fingerprint_too(tmp_path: Path, capsys) -> None:
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    raw.mkdir()
+    images = np.arange(60 * 28 * 28).reshape(60, 28, 28) % 256
+    _idx_file(raw / "train-images-idx3-ubyte.gz", images)
+    _idx_file(raw / "train-labels-idx1-ubyte.gz", np.arange(60) % 10)
+    spec = load_spec(ROOT / "data_specs" / "fashion_mnist_holdout.yaml", source_path=str(raw))
+    spec = replace(spec, splits={"train": "train[:40]", "val": "train[40:]"})
+    prepare_shards(spec, out, shard_size=16)
+    shards = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("*.tar")}
+    assert not prepare_shards(spec, out, shard_size=16)[1]
+    os.utime(raw / "train-labels-idx1-ubyte.gz", ns=(1, 1))  # touched: may have changed, so it is read again
+    capsys.readouterr()
+    _, wrote = prepare_shards(spec, out, shard_size=16)
+    assert wrote and "source changed" in capsys.readouterr().out
+    assert shards == {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("*.tar")}  # same bytes: kept
+    record = json.loads((out / "index.json").read_text())
+    for entry in record["splits"].values():
+        del entry["source_fingerprint"]
+    record["index_sha256"] = _record_hash(record)
+    (out / "index.json").write_text(json.dumps(record))
+    assert prepare_shards(spec, out, shard_size=16)[1] and "older gendd" in capsys.readouterr().out
+    _idx_file(raw / "train-labels-idx1-ubyte.gz", (np.arange(60) + 1) % 10)  # new labels
+    index, wrote = prepare_shards(spec, out, shard_size=16)
+    assert wrote and index.split("val").keys_and_labels()[1][:3] == [1, 2, 3]
+    assert not prepare_shards(spec, out, shard_size=16)[1]

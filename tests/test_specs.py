@@ -76,3 +76,18 @@ def test_std_must_be_positive_and_mean_std_finite(tmp_path: Path, field: str, va
 
 def test_imbalance_factor_must_be_finite(tmp_path: Path) -> None:
     assert "imbalance_factor" in _one_line_error(_write(tmp_path, imbalance_factor=float("nan")))
+
+
+def test_num_classes_may_be_left_out_for_image_folders_or_given_by_class_names(tmp_path: Path) -> None:
+    assert "num_classes" in _one_line_error(_write(tmp_path, num_classes=None, class_names=None))
+    assert load_spec(_write(tmp_path, num_classes=None)).num_classes == 10  # the number of class_names
+    folder = load_spec(_write(tmp_path, source="image_folder", path=str(tmp_path), num_classes=None, class_names=None))
+    assert folder.num_classes == 0 and folder.class_names == ()  # prepare counts the class folders
+    assert "positive" in _one_line_error(_write(tmp_path, source="image_folder", path="x", num_classes=0))
+
+
+def test_class_names_must_be_distinct_and_folder_names_strings(tmp_path: Path) -> None:
+    message = _one_line_error(_write(tmp_path, num_classes=3, class_names=["a", "b", "a"]))
+    assert "class_names" in message and "a more than once" in message
+    message = _one_line_error(_write(tmp_path, source="image_folder", path="x", num_classes=2, class_names=[0, 1]))
+    assert "class_names" in message and "strings" in message
