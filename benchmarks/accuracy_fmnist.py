@@ -168,7 +168,7 @@ def distill_and_evaluate(
     exist); returns the metrics (None if there are none)."""
     shards, cache = base / "shards", base / cache_name(prof)
     out, ev = base / "students" / run, base / "eval" / run
-    if EXECUTE and not (ev / "metrics.json").is_file():
+    if EXECUTE and not (ev / "details.json").is_file():
         gendd(
             "distill",
             *("--shards", str(shards), "--cache", str(cache), "--out", str(out), "--student", student),
@@ -178,11 +178,11 @@ def distill_and_evaluate(
         )
         gendd(
             "evaluate",
-            *("--shards", str(shards), "--cache", str(cache), "--student", str(out), "--out", str(ev)),
+            *("--shards", str(shards), "--cache", str(cache), "--student-dir", str(out), "--out", str(ev)),
             *("--steps", str(prof["steps"]), "--n-samples", str(prof["n_samples"])),
             log=log,
         )
-    return json.loads((ev / "metrics.json").read_text()) if (ev / "metrics.json").is_file() else None
+    return json.loads((ev / "details.json").read_text()) if (ev / "details.json").is_file() else None
 
 
 def run_job(job: tuple[str, str, str, int], prof: dict, root: Path, parallel: int) -> dict | None:

@@ -219,7 +219,7 @@ def distill_command(args, shards: Path, cache: Path, out: Path, mode: str) -> li
     command = [sys.executable, "-m", "stages.app", "distill", "--shards", str(shards), "--cache", str(cache)]
     command += ["--out", str(out), "--student", args.student, "--method", "gendd", "--epochs", str(args.epochs)]
     command += ["--batch-size", str(args.batch_size), "--data", mode, "--no-resume"]
-    command += ["--cpu"] if args.device == "cpu" else []  # --device cuda: distill takes the GPU
+    command += ["--device", "cpu"] if args.device == "cpu" else []  # --device cuda: distill takes the GPU
     command += ["--token-dim", "64", "--head-width", str(args.head_width), "--diffusion-batch-mul", "2"]
     return [*command, "--workers", str(args.workers), "--shuffle-buffer", str(args.shuffle_buffer)]
 

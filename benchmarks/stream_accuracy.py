@@ -36,7 +36,7 @@ def run_mode(args: argparse.Namespace, seed: int, mode: str) -> dict:
     shards, cache = base / "shards", base / acc.cache_name(prof)
     out, ev = base / "students" / run, base / "eval" / run
     started = time.perf_counter()
-    if not (ev / "metrics.json").is_file():
+    if not (ev / "details.json").is_file():
         acc.gendd(
             "distill",
             *("--shards", str(shards), "--cache", str(cache), "--out", str(out), "--student", args.student),
@@ -46,11 +46,11 @@ def run_mode(args: argparse.Namespace, seed: int, mode: str) -> dict:
         )
         acc.gendd(
             "evaluate",
-            *("--shards", str(shards), "--cache", str(cache), "--student", str(out), "--out", str(ev)),
+            *("--shards", str(shards), "--cache", str(cache), "--student-dir", str(out), "--out", str(ev)),
             *("--steps", str(prof["steps"]), "--n-samples", str(prof["n_samples"]), "--data", mode),
             log=log,
         )
-    metrics = json.loads((ev / "metrics.json").read_text())
+    metrics = json.loads((ev / "details.json").read_text())
     history = json.loads((out / "train.json").read_text())["history"]
     return {
         "data": mode,

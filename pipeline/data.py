@@ -22,11 +22,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from pipeline.config import DataOptions
 from pipeline.errors import GenddError
 from pipeline.shards import ShardIndex, load_index, load_split
 from pipeline.views import ViewPolicy, sample_views
 
-DATA_MODES = ("auto", "memory", "stream")
 # `auto` holds a split in memory only when it takes at most this share of the available host memory (loading
 # briefly holds a second copy of the images) and, on a GPU, when the images take at most this share of its free memory.
 MEMORY_SHARE = 0.4
@@ -34,23 +34,6 @@ MEMORY_SHARE = 0.4
 DEVICE_TARGET_SHARE = 0.25
 # Target statistics (per-dimension mean/std of the diffusion targets) read at most this many cached samples.
 TARGET_STATS_SAMPLES = 50_000
-
-
-@dataclass(frozen=True)
-class DataOptions:
-    """How training input is read: mode, loader workers and the stream's shuffle buffer."""
-
-    mode: str = "auto"
-    workers: int = -1  # stream loader processes; -1 = auto (one per spare core, up to 8)
-    shuffle_buffer: int = 4096  # samples a stream worker shuffles among (memory ~ buffer x one decoded sample)
-
-    def __post_init__(self) -> None:
-        if self.mode not in DATA_MODES:
-            raise GenddError(f"--data {self.mode!r} is unknown: choose one of {', '.join(DATA_MODES)}")
-        if self.shuffle_buffer < 0:
-            raise GenddError(f"--shuffle-buffer must be >= 0, got {self.shuffle_buffer}")
-        if self.workers < -1:
-            raise GenddError(f"--workers must be >= 0, or -1 for auto, got {self.workers}")
 
 
 @dataclass
@@ -365,3 +348,14 @@ def train_device(cpu: bool) -> torch.device:
     if cpu or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def make_accelerator(mixed_precision: str, cpu: bool, **kwargs: object):
+    """accelerate's Accelerator, its refusals (e.g. fp16 without a GPU) as one line that names the fix."""
+    from accelerate import Accelerator
+
+    try:
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu, **kwargs)
+    except (ValueError, RuntimeError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise GenddError(f"accelerate refused --mixed-precision {mixed_precision} (cpu={cpu}): {first}") from err

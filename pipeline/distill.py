@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from accelerate import PartialState
 from safetensors.torch import load_file, save_file
 
+from pipeline.config import POLICIES
 from pipeline.data import DataOptions, open_train_input, train_device
 from pipeline.errors import GenddError
 from pipeline.evaluate import val_probe_evaluator
@@ -21,7 +23,6 @@ from pipeline.outputs import atomic_path, check_writable, write_json, write_text
 from pipeline.shards import load_index
 from pipeline.store import open_cache
 from pipeline.train import Student, TrainConfig, train
-from pipeline.views import POLICIES
 
 STANDALONE_LOADER = '''"""Rebuild the distilled student with timm alone (no gendd needed): python load_student.py"""
 import json, pathlib
@@ -53,6 +54,7 @@ class DistillConfig:
     train: TrainConfig
     resume: bool = True
     data: DataOptions = field(default_factory=DataOptions)
+    work_dir: str | Path | None = None  # checkpoint.pt and live/ (default: `out`); DVC caches `out` only
 
 
 def _input_size(cfg: DistillConfig) -> int:
@@ -85,20 +87,28 @@ def provenance(shards: str | Path, cache: str | Path | None) -> dict:
     return record | {"dataset spec": load_index(shards).spec_hash}
 
 
-def _log_live(out: Path, history: list[dict]) -> None:
-    try:  # dvclive is optional (e.g. on a bare GPU host); the history JSON holds the same numbers
-        from dvclive import Live
-    except ImportError:
-        return
-    try:
-        with Live(str(out / "live"), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-            for record in history:
-                for key, value in record.items():
-                    if key != "epoch" and isinstance(value, (int, float)):
-                        live.log_metric(f"train/{key}", value)
-                live.next_step()
-    except Exception as err:  # dvclive trips on some git states (e.g. a repo without commits): metrics stay in JSON
-        print(f"note: dvclive logging skipped ({type(err).__name__}: {err}); train.json holds the history")
+def live_logger(live_dir: Path) -> Callable[[list[dict]], None]:
+    """Called after every epoch: rewrites `live_dir` (dvclive: metrics.json, plots/metrics/train/*.tsv) from the
+    whole history, so a resumed run's curves stay whole and `dvc plots show` draws them while training runs."""
+    state = {"off": False}
+
+    def log(history: list[dict]) -> None:
+        if state["off"]:
+            return
+        try:  # dvclive is optional (e.g. on a bare GPU host); train.json holds the same numbers
+            from dvclive import Live
+
+            with Live(str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+                for record in history:
+                    for key, value in record.items():
+                        if key != "epoch" and isinstance(value, (int, float)):
+                            live.log_metric(f"train/{key}", value)
+                    live.next_step()
+        except Exception as err:  # dvclive trips on some git states (e.g. a repo without commits)
+            state["off"] = True
+            print(f"note: dvclive logging skipped ({type(err).__name__}: {err}); train.json holds the history")
+
+    return log
 
 
 def _probe_kind(method: str) -> str:
@@ -112,6 +122,7 @@ def distill(cfg: DistillConfig) -> dict:
         if location is not None:
             check_readable(location)
     cfg = replace(cfg, out=check_writable(cfg.out))
+    work = check_writable(cfg.work_dir) if cfg.work_dir is not None else cfg.out
     _check_cache_views(cfg)
     size = _input_size(cfg)
     data = open_train_input(cfg.shards, cfg.cache, cfg.data, train_device(cfg.train.cpu))
@@ -119,7 +130,8 @@ def distill(cfg: DistillConfig) -> dict:
     evaluator = val_probe_evaluator(cfg.shards, size, info.mean, info.std, cfg.data)
     origin = provenance(cfg.shards, cfg.cache)
     started = time.perf_counter()
-    student, history = train(cfg.train, data, cfg.out, size, evaluator, cfg.resume, origin)
+    live = live_logger(work / "live")
+    student, history = train(cfg.train, data, work, size, evaluator, cfg.resume, origin, live)
     seconds = time.perf_counter() - started
     summary = {
         "method": cfg.train.method,
@@ -155,7 +167,6 @@ def distill(cfg: DistillConfig) -> dict:
     save_model(student.net, card, cfg.out, "student")
     write_text(cfg.out / "load_student.py", STANDALONE_LOADER)
     write_json(cfg.out / "train.json", {**summary, "history": history})
-    _log_live(cfg.out, history)
     return summary
 
 

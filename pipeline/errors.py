@@ -5,9 +5,6 @@ class GenddError(Exception):
     """A problem with the user's input (spec, path, cache, options); the message says what to do."""
 
 
-MIXED_PRECISION = ("no", "fp16", "bf16")
-
-
 def require(ok: bool, option: str, rule: str, value: object) -> None:
     """Refuse an option value outside its range: `--option must be <rule>, got <value>` (checked before any work)."""
     if not ok:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -14,29 +13,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from pipeline.config import SamplingConfig
 from pipeline.data import DataOptions
-from pipeline.errors import GenddError, require, require_choice
-from pipeline.head import SAMPLERS
+from pipeline.errors import GenddError, require
 from pipeline.models import features
 from pipeline.outputs import check_writable, save_figure, write_json
 from pipeline.views import IDENTITY, apply_views
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How the generative path draws teacher features: sampler, steps, guidance scale, samples averaged."""
-
-    sampler: str = "ddim"
-    steps: int = 25
-    cfg_scale: float = 2.0
-    n_samples: int = 5
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        require_choice("sampler", self.sampler, SAMPLERS)
-        require(self.steps >= 1, "steps", ">= 1", self.steps)
-        require(math.isfinite(self.cfg_scale) and self.cfg_scale >= 0, "cfg_scale", ">= 0 (1 = none)", self.cfg_scale)
-        require(self.n_samples >= 1, "n_samples", ">= 1", self.n_samples)
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
@@ -239,11 +221,17 @@ def summarise(logits: dict[str, torch.Tensor], labels: torch.Tensor, num_classes
     return metrics
 
 
-def write_metrics(metrics: dict, path: str | Path, sampling: SamplingConfig | None) -> None:
-    """Metrics JSON (DVC reads scalars from it); per-class lists stay in it for the report."""
+# What `dvc metrics show` / `dvc exp show` list per run: the accuracies, rounded; the rest is in details.json.
+SHOWN_METRICS = ("probe_top1", "probe_top5", "generative_top1", "generative_top5", "teacher_top1")
+
+
+def write_metrics(metrics: dict, out: str | Path, sampling: SamplingConfig | None) -> None:
+    """`details.json`: every figure (per-class lists, timings, sampling settings; the report reads it), then
+    `metrics.json`: the accuracies DVC shows, rounded to 0.01 points."""
     record = {**metrics, **({"sampling": asdict(sampling)} if sampling else {})}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, record)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_json(Path(out) / "details.json", record)
+    write_json(Path(out) / "metrics.json", {k: round(metrics[k], 2) for k in SHOWN_METRICS if k in metrics})
 
 
 def _plot_per_class(metrics: dict, class_names: list[str], path: Path) -> None:
@@ -349,7 +337,7 @@ def run_evaluation(
     if train_json.is_file():
         metrics["train_seconds"] = json.loads(train_json.read_text())["train_seconds"]
     out.mkdir(parents=True, exist_ok=True)
-    write_metrics(metrics, out / "metrics.json", use_sampling)
+    write_metrics(metrics, out, use_sampling)
     names = list(index.spec.get("class_names") or [str(c) for c in range(card["num_classes"])])
     _plot_per_class(metrics, names, out / "per_class.png")
     return metrics

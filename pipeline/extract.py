@@ -12,7 +12,7 @@ import os
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,42 +20,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.errors import MIXED_PRECISION, GenddError, require, require_choice
+from pipeline.config import ExtractConfig
+from pipeline.errors import GenddError
 from pipeline.models import features, linear_head, load_card, load_model
 from pipeline.shards import ShardData, load_index
-from pipeline.store import CODECS, FORMATS, CacheMeta, FeatureCacheWriter
-from pipeline.views import ViewPolicy, apply_views, decode_shard_with_views
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """What to extract, with which teacher, views and storage."""
-
-    shards: str | Path  # a local directory or a URL
-    teacher: Path
-    out: str | Path  # local only
-    splits: tuple[str, ...] = ("train", "val")
-    num_views: int = 8
-    eval_views: int = 1  # views cached for splits other than train (the identity is enough to evaluate)
-    policy: ViewPolicy = field(default_factory=ViewPolicy)
-    seed: int = 0
-    batch_size: int = 512
-    codec: str = "zstd"
-    fmt: str = "zarr"
-    mixed_precision: str = "no"
-    cpu: bool = False
-    workers: int = -1  # shard-decode processes; 0 = one thread; -1 = auto (processes only where cores are spare)
-
-    def __post_init__(self) -> None:
-        """Options in range before anything is written (a `--views 0` leaves nothing behind)."""
-        require(len(self.splits) > 0, "splits", "at least one split name", ",".join(self.splits))
-        require(self.num_views >= 1, "views", ">= 1 (view 0 is the plain image)", self.num_views)
-        require(self.eval_views >= 1, "eval_views", ">= 1", self.eval_views)
-        require(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
-        require(self.workers >= -1, "workers", ">= 0, or -1 for auto", self.workers)
-        require_choice("codec", self.codec, CODECS)
-        require_choice("format", self.fmt, FORMATS)
-        require_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+from pipeline.store import CacheMeta, FeatureCacheWriter
+from pipeline.views import apply_views, decode_shard_with_views
 
 
 def decode_workers(requested: int) -> int:
@@ -217,8 +187,7 @@ def extract_split(
 
 def extract(cfg: ExtractConfig) -> list[dict]:
     """Extract every requested split (resumable, multi-process under `accelerate launch`); marks stores complete."""
-    from accelerate import Accelerator
-
+    from pipeline.data import make_accelerator
     from pipeline.locations import check_readable
     from pipeline.outputs import check_writable
 
@@ -229,7 +198,7 @@ def extract(cfg: ExtractConfig) -> list[dict]:
     # children are cheaper to fork and hold no CUDA state; one pool saves a second start-up for the val split.
     with _decoder(decode_workers(cfg.workers)) as reader:
         _start_workers(reader)
-        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
+        accelerator = make_accelerator(cfg.mixed_precision, cfg.cpu)
         dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
         runner = TeacherRunner(cfg.teacher, accelerator.device, dtypes.get(cfg.mixed_precision))
         results = []

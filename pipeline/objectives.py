@@ -2,50 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.config import ObjectiveConfig
 from pipeline.errors import GenddError
 from pipeline.head import GenerativeHead
-
-METHODS = ("ce", "kd", "kl", "gendd", "gendd_unsup")
-SUPERVISED = {"ce", "kd", "gendd"}
-USES_HEAD = {"gendd", "gendd_unsup"}
-
-
-@dataclass(frozen=True)
-class ObjectiveConfig:
-    """Which loss to train with and its hyper-parameters."""
-
-    method: str
-    contraction: float = 0.9  # lam of Distribution Contraction; forced to 0 for gendd_unsup
-    mixup_beta: float = 1.0  # <= 0 turns feature mixup off
-    kd_alpha: float = 1.0
-    kd_tau: float = 4.0
-    # Logit adjustment (Menon et al. 2021) of every cross-entropy on labels (ce, kd, GenDD's probe): train on
-    # logits + tau * log(prior) and predict with the plain logits, which targets balanced accuracy on long-tailed data.
-    logit_adjust: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise GenddError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
-        if self.method == "gendd_unsup":
-            # Contraction needs labels, which the unsupervised method never sees.
-            object.__setattr__(self, "contraction", 0.0)
-        if not 0.0 <= self.contraction <= 1.0:
-            raise GenddError(f"contraction must be in [0, 1], got {self.contraction}")
-        if self.kd_tau <= 0:
-            raise GenddError(f"kd_tau must be positive, got {self.kd_tau}")
-        if self.logit_adjust < 0:
-            raise GenddError(f"logit_adjust must be >= 0 (0 = plain cross-entropy), got {self.logit_adjust}")
-        if not self.mixup_beta >= 0:
-            raise GenddError(f"mixup_beta must be >= 0 (0 = off), got {self.mixup_beta}")
-        if not self.kd_alpha >= 0:
-            raise GenddError(f"kd_alpha must be >= 0, got {self.kd_alpha}")
 
 
 def contract_targets(features: Tensor, labels: Tensor | None, centres: Tensor | None, lam: float) -> Tensor:

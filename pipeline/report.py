@@ -41,11 +41,11 @@ def collect(evals: Path, students: Path) -> list[dict]:
         raise GenddError(f"{evals} is not a directory of evaluations: run gendd evaluate (or dvc repro) first")
     for run_dir in sorted(p for p in evals.iterdir() if p.is_dir() and not p.name.startswith(".")):
         run = run_dir.name
-        metrics = _read_json(run_dir / "metrics.json", run, "evaluate", ("method", "student", "probe_top1"))
+        metrics = _read_json(run_dir / "details.json", run, "evaluate", ("method", "student", "probe_top1"))
         history = _read_json(students / run / "train.json", run, "distill", ("history",))["history"]
         rows.append({"run": run, **metrics, "history": history})
     if not rows:
-        raise GenddError(f"no */metrics.json under {evals}; run gendd evaluate (or dvc repro) first")
+        raise GenddError(f"no */details.json under {evals}; run gendd evaluate (or dvc repro) first")
     return rows
 
 
@@ -116,7 +116,8 @@ def write_report(evals: Path, students: Path, out: str | Path, cache: Path | Non
     table = markdown_table(rows, info)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "report.md", "# GenDD comparison\n\n" + table)
-    summary = {r["run"]: {k: r[k] for k in ("probe_top1", "generative_top1", "train_seconds") if k in r} for r in rows}
+    keys = ("probe_top1", "generative_top1", "train_seconds")
+    summary = {r["run"]: {k: round(r[k], 2) for k in keys if isinstance(r.get(k), (int, float))} for r in rows}
     write_json(out / "summary.json", summary)
     curve_rows = ["run,epoch,val_probe_top1,loss"]
     for r in rows:

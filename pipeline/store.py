@@ -39,14 +39,13 @@ from typing import Any
 import numpy as np
 
 from pipeline import locations
+from pipeline.config import CODECS, FORMATS
 from pipeline.errors import GenddError
 from pipeline.locations import one_line
 from pipeline.store_wds import StoreDamage, WdsStore
 from pipeline.store_zarr import ZarrStore
 
 SCHEMA_VERSION = 1
-CODECS = ("zstd", "lz4", "none", "bf16", "int8")
-FORMATS = ("zarr", "webdataset")
 _REQUIRED = {
     "teacher": ("name", "checkpoint_sha256", "feature_dim", "num_classes", "input_size", "mean", "std"),
     "dataset": ("name", "spec_hash", "split", "n"),

@@ -45,6 +45,7 @@ class TeacherConfig:
     pretrained: bool = False
     data: DataOptions = field(default_factory=DataOptions)
     small_stem: bool | None = None
+    work_dir: str | Path | None = None  # checkpoint.pt of the training run (default: <out>/work); DVC caches `out`
 
 
 CHECKPOINT_ENTRIES = ("state_dict_ema", "model_ema", "state_dict", "model")  # timm's order: EMA weights first
@@ -223,7 +224,8 @@ def make_teacher(cfg: TeacherConfig) -> dict:
         student, history = Student(net, None, None), []
     else:
         data = open_train_input(cfg.shards, None, cfg.data, train_device(tcfg.cpu))
-        student, history = train(tcfg, data, cfg.out / "work", size, evaluator)
+        work = check_writable(cfg.work_dir) if cfg.work_dir is not None else cfg.out / "work"
+        student, history = train(tcfg, data, work, size, evaluator)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under `accelerate launch`, one process writes the outputs

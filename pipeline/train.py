@@ -3,24 +3,22 @@ accelerate, resumable epochs."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.data import EpochPlan, InputInfo, MemoryInput, TrainData, TrainInput
-from pipeline.errors import MIXED_PRECISION, GenddError, require, require_choice
-from pipeline.head import PREDICTIONS, GenerativeHead, HeadConfig
+from pipeline.config import SUPERVISED, USES_HEAD, TrainConfig
+from pipeline.data import EpochPlan, InputInfo, MemoryInput, TrainData, TrainInput, make_accelerator
+from pipeline.errors import GenddError
+from pipeline.head import GenerativeHead, HeadConfig
 from pipeline.models import create_model, feature_dim, features
 from pipeline.objectives import (
-    METHODS,
-    SUPERVISED,
-    USES_HEAD,
     ObjectiveConfig,
     class_log_prior,
     compute_objective,
@@ -29,67 +27,7 @@ from pipeline.objectives import (
     warmstart_loss,
 )
 from pipeline.outputs import atomic_path
-from pipeline.views import ViewPolicy, apply_views
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines one training run (its hash guards resumption)."""
-
-    model: str = "resnet10t"
-    small_stem: bool = True
-    method: str = "gendd"
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    beta2_start: float = 0.95
-    beta2_end: float = 0.999
-    warmstart_epochs: int = 0  # the first epochs of `epochs` (generative methods only): stage-1 warm start
-    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig("gendd"))
-    head_token_dim: int = 64
-    head_width: int = 1024
-    head_depth: int = 3
-    diffusion_batch_mul: int = 4
-    cond_dropout: float = 0.2
-    head_lr_mult: float = 2.5  # head + probe learning rate over the backbone's (1.0 = the paper's single lr)
-    target_norm: bool = True  # standardise diffusion targets per dimension (False = the paper's raw targets)
-    head_prediction: str = "v_prediction"  # what the head predicts: v (tuned default), epsilon (paper) or sample
-    input_size: int | None = None  # default: the teacher's input size (or the images' size)
-    policy: ViewPolicy = field(default_factory=ViewPolicy)  # augmentation when training without a cache
-    seed: int = 0
-    mixed_precision: str = "no"
-    cpu: bool = False
-
-    def __post_init__(self) -> None:
-        """Every setting in range before any work (the CLI passes options through unchanged)."""
-        require(self.epochs >= 1, "epochs", ">= 1", self.epochs)
-        require(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
-        require(math.isfinite(self.lr) and self.lr > 0, "lr", "a positive number", self.lr)
-        require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
-        require(
-            0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", f"in [0, epochs={self.epochs}]", self.warmup_epochs
-        )
-        require(
-            0 <= self.warmstart_epochs < self.epochs,
-            "warmstart_epochs",
-            f"in [0, epochs={self.epochs}) (the warm start is the first epochs of the run)",
-            self.warmstart_epochs,
-        )
-        for name in ("head_token_dim", "head_width", "head_depth", "diffusion_batch_mul"):
-            value = getattr(self, name)
-            require(value >= 1, name.removeprefix("head_"), ">= 1", value)
-        require(0 <= self.cond_dropout < 1, "cond_dropout", "in [0, 1)", self.cond_dropout)
-        require(self.head_lr_mult > 0, "head_lr_mult", "positive", self.head_lr_mult)
-        require_choice("head_prediction", self.head_prediction, PREDICTIONS)
-        require(self.input_size is None or self.input_size >= 1, "input_size", ">= 1", self.input_size)
-        require_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
-        require_choice("method", self.method, METHODS)
-
-    def fingerprint(self) -> str:
-        """Stable text of the settings, stored in checkpoints."""
-        return json.dumps(asdict(self), sort_keys=True, default=str)
+from pipeline.views import apply_views
 
 
 class Student(nn.Module):
@@ -232,6 +170,11 @@ def _load_checkpoint(path: Path, cfg: TrainConfig, resume: bool, provenance: dic
         raise GenddError(f"{path} is damaged ({type(err).__name__}): delete it, or pass --no-resume") from err
     if state["fingerprint"] != cfg.fingerprint():
         raise GenddError(f"{path} was written with other settings; delete it (or the output dir) or pass --no-resume")
+    if state["epoch"] + 1 > cfg.epochs:
+        raise GenddError(
+            f"{path} holds {state['epoch'] + 1} trained epochs, more than --epochs {cfg.epochs}: pass --epochs "
+            f"{state['epoch'] + 1} or more (a larger value continues the run), or --no-resume"
+        )
     found = state.get("provenance", {})
     keys = [*provenance, *(key for key in found if key not in provenance)]  # the teacher first: the likeliest mix-up
     differs = [key for key in keys if found.get(key) != provenance.get(key)]
@@ -265,11 +208,11 @@ class _Run:
 
 def _start_run(cfg: TrainConfig, data: TrainInput, input_size: int, ckpt_path: Path, resume: bool, provenance: dict):
     """Build model and optimizer, restore a checkpoint if one matches; returns (run, first epoch, history)."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate import DistributedDataParallelKwargs
 
     # With a warm start, the head idles in stage 1 and the projection afterwards: DDP must allow unused parameters.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.warmstart_epochs > 0)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu, kwargs_handlers=[ddp])
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.cpu, kwargs_handlers=[ddp])
     # Before the model exists: stream loader workers forked now share little that training rewrites (stream.py).
     plan = EpochPlan(cfg.seed, 0, cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.policy)
     data.start(plan, accelerator.device)
@@ -385,10 +328,13 @@ def train(
     evaluate_fn=None,
     resume: bool = True,
     provenance: dict | None = None,
+    on_epoch: Callable[[list[dict]], None] | None = None,
 ) -> tuple[Student, list[dict]]:
     """Train for cfg.epochs, checkpointing every epoch (resumes from one); returns the student and its history.
     `provenance` (teacher checkpoint, cache and dataset fingerprints) is kept in the checkpoint: a resume that reads
-    other inputs is refused."""
+    other inputs is refused. A resume with more `epochs` than the checkpoint's run continues it: the cosine schedule
+    is recomputed for the new total, from the step reached. `on_epoch(history)` runs on the main process after each
+    epoch's checkpoint (live metrics)."""
     provenance = provenance or {}
     if isinstance(data, TrainData):
         data = MemoryInput(data)
@@ -415,5 +361,7 @@ def train(
                 "optimizer": run.optimizer.state_dict(),
             }
             _save_checkpoint(ckpt_path, state)
+            if on_epoch is not None:
+                on_epoch(history)
         acc.wait_for_everyone()
     return acc.unwrap_model(run.model).cpu().eval(), history

@@ -10,47 +10,18 @@ import functools
 import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline.config import ViewPolicy
 from pipeline.errors import GenddError
 from pipeline.shards import decode_shard
 
 if TYPE_CHECKING:  # torch is imported where views are applied: shard-decode processes start without it (~2 s less)
     import torch
 
-POLICIES = ("rrc", "pad_crop", "flip", "none")
 IDENTITY = (0.0, 0.0, 1.0, 1.0, 0.0)
-
-
-@dataclass(frozen=True)
-class ViewPolicy:
-    """How views 1..K-1 are drawn: random-resized-crop (`rrc`), pad-and-crop, flip only, or none (identity)."""
-
-    kind: str = "rrc"
-    scale: tuple[float, float] = (0.35, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    pad: int = 2  # pad_crop: pixels of (zero) padding on each side, as in CIFAR's pad-4-crop-32
-    flip: bool = True
-
-    def __post_init__(self) -> None:
-        if self.kind not in POLICIES:
-            raise GenddError(f"view policy {self.kind!r} is unknown; choose one of {', '.join(POLICIES)}")
-        if not (0 < self.scale[0] <= self.scale[1] <= 1 and 0 < self.ratio[0] <= self.ratio[1]):
-            raise GenddError(f"view policy scale {self.scale} / ratio {self.ratio} out of range (0 < lo <= hi)")
-
-    def to_dict(self) -> dict:
-        """JSON-friendly form, stored in caches so readers can check they replay the same policy."""
-        return {**asdict(self), "scale": list(self.scale), "ratio": list(self.ratio)}
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> ViewPolicy:
-        """Inverse of `to_dict`."""
-        return cls(
-            **{**raw, "scale": tuple(raw.get("scale", (0.35, 1.0))), "ratio": tuple(raw.get("ratio", (0.75, 4 / 3)))}
-        )
 
 
 def _uniforms(seed: int, key: str, view: int) -> np.ndarray:

@@ -6,34 +6,38 @@ from pathlib import Path
 
 import typer
 
-from stages.options import DATA_HELP, WORKERS_HELP
+from pipeline.config import DataOptions, SamplingConfig
+from stages.options import DATA_HELP, DEVICE_HELP, WORKERS_HELP, DataMode, Device, Sampler, default
+
+S, D = SamplingConfig, DataOptions
 
 
 def command(
     shards: str = typer.Option(..., help="Image shard directory or URL."),
     cache: str | None = typer.Option(None, help="Feature cache (directory or URL): teacher head and its accuracy."),
-    student: Path = typer.Option(..., help="Student directory (gendd distill --out)."),
-    out: str = typer.Option(..., help="Directory (local) for metrics.json and per_class.png."),
-    split: str = typer.Option("val"),
-    sampler: str = typer.Option("ddim", help="ddpm, ddim or dpmsolver."),
-    steps: int = typer.Option(25, help="Sampler steps."),
-    cfg_scale: float = typer.Option(2.0, help="Classifier-free guidance scale (1 = none)."),
-    n_samples: int = typer.Option(5, help="Samples averaged per image."),
+    student_dir: Path = typer.Option(..., help="Student directory to evaluate (gendd distill --out)."),
+    out: str = typer.Option(..., help="Directory (local) for metrics.json, details.json and per_class.png."),
+    split: str = typer.Option("val", help="Which split of the shards to evaluate on."),
+    sampler: Sampler = typer.Option(default(S, "sampler"), help="Diffusion sampler of the generative path."),
+    steps: int = typer.Option(default(S, "steps"), help="Sampler steps."),
+    cfg_scale: float = typer.Option(default(S, "cfg_scale"), help="Classifier-free guidance scale (1 = none)."),
+    n_samples: int = typer.Option(default(S, "n_samples"), help="Samples averaged per image."),
     fast: bool = typer.Option(False, help="Probe path only: skip sampling."),
-    batch_size: int = typer.Option(256),
-    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
-    seed: int = typer.Option(0),
-    data: str = typer.Option(DATA_HELP[0], help=DATA_HELP[1]),
-    workers: int = typer.Option(-1, help=WORKERS_HELP),
+    batch_size: int = typer.Option(256, help="Images per forward pass."),
+    device: Device = typer.Option("auto", help=DEVICE_HELP),
+    seed: int = typer.Option(default(S, "seed"), help="Seed of the sampler's noise."),
+    data: DataMode = typer.Option(default(D, "mode"), help=DATA_HELP),
+    workers: int = typer.Option(default(D, "workers"), help=WORKERS_HELP),
 ) -> None:
-    """Evaluate a student; writes metrics.json (scalars for DVC) and a per-class plot."""
-    from pipeline.data import DataOptions
-    from pipeline.evaluate import SamplingConfig, run_evaluation
+    """Evaluate a student; writes metrics.json (the scalars DVC shows), details.json and a per-class plot."""
+    from pipeline.evaluate import run_evaluation
+    from stages.options import use_cpu
 
     sampling = None if fast else SamplingConfig(sampler, steps, cfg_scale, n_samples, seed)
     options = DataOptions(data, workers)
+    where = "cpu" if use_cpu(device) else (None if device == "auto" else "cuda")
     m = run_evaluation(
-        shards, cache, student, out, sampling, split=split, batch_size=batch_size, device=device, data=options
+        shards, cache, student_dir, out, sampling, split=split, batch_size=batch_size, device=where, data=options
     )
     parts = [f"{k}={m[k]:.2f}" for k in ("probe_top1", "generative_top1", "teacher_top1") if k in m]
     typer.echo(f"{m['method']} {m['student']}: " + " ".join(parts) + f" -> {out}/metrics.json")

@@ -6,26 +6,33 @@ from pathlib import Path
 
 import typer
 
+from pipeline.config import ExtractConfig, ViewPolicy
+from stages.options import DEVICE_HELP, POLICY_HELP, PRECISION_HELP, Codec, Device, Format, Policy, Precision, default
+
+E = ExtractConfig
+
 
 def command(
-    shards: str = typer.Option(..., help="Image shard directory (gendd prepare --out)."),
+    shards: str = typer.Option(..., help="Image shard directory or URL (gendd prepare --out)."),
     teacher: Path = typer.Option(..., help="Teacher directory (gendd teacher --out)."),
     out: str = typer.Option(..., help="Cache directory: <out>/<split>.zarr (or <split>-features/ shards)."),
-    splits: str = typer.Option("train,val", help="Comma-separated splits to extract."),
-    views: int = typer.Option(8, help="Views per training image (view 0 = the plain image)."),
-    eval_views: int = typer.Option(1, help="Views per image for the other splits."),
-    policy: str = typer.Option("rrc", help="View policy: rrc, pad_crop, flip, none."),
-    seed: int = typer.Option(0, help="View seed: views depend only on (seed, key, view index)."),
-    batch_size: int = typer.Option(512, help="(sample, view) pairs per teacher forward."),
-    codec: str = typer.Option("zstd", help="zstd (lossless fp16, default), lz4, none, or lossy bf16 / int8."),
-    format: str = typer.Option("zarr", "--format", help="zarr, or webdataset (self-contained training shards)."),
-    mixed_precision: str = typer.Option("no", help="no, bf16 or fp16 autocast for the teacher."),
-    cpu: bool = typer.Option(False, help="Force the CPU."),
-    workers: int = typer.Option(-1, help="Shard-decode processes (0 = one thread; -1 = auto: half the cores, max 8)."),
+    splits: str = typer.Option(",".join(default(E, "splits")), help="Comma-separated splits to extract."),
+    views: int = typer.Option(default(E, "num_views"), help="Views per training image (view 0 = the plain image)."),
+    eval_views: int = typer.Option(default(E, "eval_views"), help="Views per image for the other splits."),
+    policy: Policy = typer.Option(default(E, "policy").kind, help=POLICY_HELP),
+    seed: int = typer.Option(default(E, "seed"), help="View seed: views depend only on (seed, key, view index)."),
+    batch_size: int = typer.Option(default(E, "batch_size"), help="(sample, view) pairs per teacher forward."),
+    codec: Codec = typer.Option(default(E, "codec"), help="zstd (lossless fp16), lz4, none, or lossy bf16 / int8."),
+    format: Format = typer.Option(default(E, "fmt"), "--format", help="zarr, or webdataset (training shards)."),
+    mixed_precision: Precision = typer.Option(default(E, "mixed_precision"), help=PRECISION_HELP),
+    device: Device = typer.Option("auto", help=DEVICE_HELP),
+    workers: int = typer.Option(
+        default(E, "workers"), help="Shard-decode processes (0 = one thread; -1 = auto: half the cores, max 8)."
+    ),
 ) -> None:
     """Extract teacher features and logits; finished chunks are skipped, so a killed run resumes."""
-    from pipeline.extract import ExtractConfig, extract
-    from pipeline.views import ViewPolicy
+    from pipeline.extract import extract
+    from stages.options import use_cpu
 
     cfg = ExtractConfig(
         shards,
@@ -40,7 +47,7 @@ def command(
         codec,
         format,
         mixed_precision,
-        cpu,
+        use_cpu(device),
         workers,
     )
     for r in extract(cfg):

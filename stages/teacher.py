@@ -6,37 +6,54 @@ from pathlib import Path
 
 import typer
 
-from stages.options import BUFFER_HELP, DATA_HELP, WORKERS_HELP
+from pipeline.config import DataOptions, TrainConfig, ViewPolicy
+from stages.options import (
+    BUFFER_HELP,
+    DATA_HELP,
+    DEVICE_HELP,
+    POLICY_HELP,
+    PRECISION_HELP,
+    WORKERS_HELP,
+    DataMode,
+    Device,
+    Policy,
+    Precision,
+    default,
+    use_cpu,
+)
+
+T, D = TrainConfig, DataOptions
 
 
 def command(
     shards: str = typer.Option(..., help="Image shard directory or URL (gendd prepare --out)."),
     out: str = typer.Option(..., help="Directory (local) for teacher.safetensors and teacher.json."),
+    work_dir: str | None = typer.Option(None, help="Directory for the training checkpoint (default: <out>/work)."),
     model: str = typer.Option("resnet18", help="timm model name."),
-    small_stem: bool = typer.Option(True, help="3x3 stride-1 stem without max-pool, for small images."),
-    epochs: int = typer.Option(10, help="Training epochs (ignored with --checkpoint/--pretrained)."),
-    batch_size: int = typer.Option(128),
-    lr: float = typer.Option(2e-3),
-    weight_decay: float = typer.Option(0.05),
-    policy: str = typer.Option("rrc", help="Augmentation view policy: rrc, pad_crop, flip, none."),
-    seed: int = typer.Option(0),
+    small_stem: bool | None = typer.Option(
+        None,
+        "--small-stem/--no-small-stem",
+        help="3x3 stride-1 stem, no max-pool. Default (auto): follow --checkpoint's weights, else small for <= 64 px.",
+    ),
+    epochs: int = typer.Option(default(T, "epochs"), help="Training epochs (ignored with --checkpoint/--pretrained)."),
+    batch_size: int = typer.Option(default(T, "batch_size"), help="Samples per optimiser step (all processes)."),
+    lr: float | None = typer.Option(default(T, "lr"), help="Peak learning rate (default: ce's tuned one, 0.016)."),
+    weight_decay: float = typer.Option(default(T, "weight_decay"), help="AdamW weight decay."),
+    policy: Policy = typer.Option(default(T, "policy").kind, help=POLICY_HELP),
+    seed: int = typer.Option(default(T, "seed"), help="Seed of initialisation, sample order and views."),
     checkpoint: Path | None = typer.Option(None, help="Use these weights (.safetensors/.pt) instead of training."),
     pretrained: bool = typer.Option(False, help="Use timm pretrained weights from the local cache."),
-    mixed_precision: str = typer.Option("no", help="no, bf16 or fp16 (accelerate)."),
-    cpu: bool = typer.Option(False, help="Force the CPU even when a GPU is present."),
-    data: str = typer.Option(DATA_HELP[0], help=DATA_HELP[1]),
-    workers: int = typer.Option(-1, help=WORKERS_HELP),
-    shuffle_buffer: int = typer.Option(4096, help=BUFFER_HELP),
+    mixed_precision: Precision = typer.Option(default(T, "mixed_precision"), help=PRECISION_HELP),
+    device: Device = typer.Option("auto", help=DEVICE_HELP),
+    data: DataMode = typer.Option(default(D, "mode"), help=DATA_HELP),
+    workers: int = typer.Option(default(D, "workers"), help=WORKERS_HELP),
+    shuffle_buffer: int = typer.Option(default(D, "shuffle_buffer"), help=BUFFER_HELP),
 ) -> None:
     """Train or adopt the teacher; prints its validation top-1 and where it was written."""
-    from pipeline.data import DataOptions
     from pipeline.teacher import TeacherConfig, make_teacher
-    from pipeline.train import TrainConfig
-    from pipeline.views import ViewPolicy
 
     train = TrainConfig(
         model=model,
-        small_stem=small_stem,
         method="ce",
         epochs=epochs,
         batch_size=batch_size,
@@ -45,10 +62,11 @@ def command(
         policy=ViewPolicy(kind=policy),
         seed=seed,
         mixed_precision=mixed_precision,
-        cpu=cpu,
+        cpu=use_cpu(device),
     )
     options = DataOptions(data, workers, shuffle_buffer)
-    card = make_teacher(TeacherConfig(shards, out, train, checkpoint, pretrained, options))
+    config = TeacherConfig(shards, out, train, checkpoint, pretrained, options, small_stem, work_dir)
+    card = make_teacher(config)
     if not card:  # a non-main process under `accelerate launch`
         return
     top1 = card["extra"]["val_top1"]

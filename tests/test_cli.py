@@ -1,5 +1,6 @@
 """The real `gendd` entry point: sub-commands listed, prepare works, user errors are one line without traceback."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,9 @@ from .conftest import DIGITS_SPEC
 
 
 def _gendd(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages.app", *args], capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "COLUMNS": "300"}  # --help on one line per option
+    cmd = [sys.executable, "-m", "stages.app", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_help_lists_the_stages() -> None:
@@ -59,3 +62,54 @@ def test_every_distill_option_reaches_the_training_config(monkeypatch, tmp_path:
     assert (cfg.diffusion_batch_mul, cfg.head_width, cfg.head_token_dim, cfg.cond_dropout) == (7, 96, 32, 0.1)
     assert (cfg.warmstart_epochs, cfg.objective.contraction, cfg.objective.mixup_beta) == (2, 0.5, 0.0)
     assert cfg.objective.logit_adjust == 1.5
+
+
+def _stage_options() -> dict[str, list]:
+    """Every stage (cache sub-commands included) -> its click parameters."""
+    import typer
+
+    from stages.app import app
+
+    root = typer.main.get_command(app)
+    stages = {}
+    for name, command in root.commands.items():
+        for sub, cmd in getattr(command, "commands", {name: command}).items():
+            stages[name if sub == name else f"{name} {sub}"] = cmd.params
+    return stages
+
+
+# String options that take a free value (a path, URL, timm model name or split name): no fixed set of choices.
+FREE_STRINGS = {"shards", "cache", "out", "work_dir", "student", "model", "split", "splits", "spec", "source_path"}
+FREE_STRINGS |= {"path", "teacher", "evals", "students", "checkpoint", "student_dir"}
+
+
+def test_every_option_has_help_and_every_string_option_its_choices() -> None:
+    from typing import get_args
+
+    for stage, params in _stage_options().items():
+        result = _gendd(*stage.split(), "--help")
+        assert result.returncode == 0, result.stderr
+        for param in params:
+            assert param.help, f"gendd {stage} --{param.name}: no help text"
+            annotation = param.get_runtime_param().annotation
+            choices = get_args(annotation) if "Literal" in str(annotation) else ()
+            if choices:  # listed in --help as <a|b|c>
+                shown = "".join(result.stdout.replace("│", "").split())  # rich wraps long cells in its box
+                assert "|".join(choices) in shown, (stage, param.name)
+            elif str in (annotation, *get_args(annotation)):
+                assert param.name in FREE_STRINGS, f"gendd {stage} --{param.name}: a string without choices"
+
+
+def test_stages_share_one_device_option() -> None:
+    stages = _stage_options()
+    for stage in ("teacher", "extract", "distill", "evaluate"):
+        names = {p.name for p in stages[stage]}
+        assert "device" in names and "cpu" not in names, stage
+    result = _gendd("distill", "--shards", "x", "--out", "y", "--device", "gpu")
+    assert result.returncode == 2 and "--device" in result.stderr and "auto" in result.stderr
+
+
+def test_version() -> None:
+    from pipeline import __version__
+
+    assert _gendd("--version").stdout.strip() == f"gendd {__version__}"

@@ -68,7 +68,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             str(shards),
             "--cache",
             str(cache),
-            "--student",
+            "--student-dir",
             str(out),
             "--out",
             str(root / "eval" / method),
@@ -81,7 +81,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _metrics(run: Path, method: str) -> dict:
-    return json.loads((run / "eval" / method / "metrics.json").read_text())
+    return json.loads((run / "eval" / method / "details.json").read_text())
 
 
 def test_every_method_trains_and_evaluates(run: Path) -> None:

@@ -298,7 +298,8 @@ def test_accelerate_launch_with_two_processes_fills_one_store(
         "no",
         "--dynamo_backend",
         "no",
-        "--cpu",
+        "--device",
+        "cpu",
         "-m",
         "stages.app",
         "extract",
@@ -425,7 +426,8 @@ def test_cli_extract_with_missing_teacher_is_one_line(digits_shards: ShardIndex,
         str(tmp_path / "no-teacher"),
         "--out",
         str(tmp_path / "cache"),
-        "--cpu",
+        "--device",
+        "cpu",
     )
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -3,11 +3,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.config import METHODS, USES_HEAD
 from pipeline.errors import GenddError
 from pipeline.head import GenerativeHead, HeadConfig
 from pipeline.objectives import (
-    METHODS,
-    USES_HEAD,
     ObjectiveConfig,
     class_log_prior,
     compute_objective,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -31,6 +32,34 @@ TINY = {
 }
 
 
+def _imported_code(module: str) -> set[str]:
+    """Files of `pipeline` and `stages` that `module` imports, directly or not (imports inside functions too)."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = ROOT / (name.replace(".", "/") + ".py")
+        if not path.is_file():
+            path = ROOT / name.replace(".", "/") / "__init__.py"
+        if not path.is_file() or str(path.relative_to(ROOT)) in seen:
+            continue
+        seen.add(str(path.relative_to(ROOT)))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("pipeline", "stages"):
+                todo += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                todo += [alias.name for alias in node.names if alias.name.split(".")[0] in ("pipeline", "stages")]
+    return seen
+
+
+def test_every_stage_depends_on_the_code_it_runs() -> None:
+    """A stage whose imported code is missing from its deps would not rerun when that code changes."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        missing = _imported_code(f"stages.{name}") - set(stage["deps"])
+        assert not missing, f"dvc.yaml stage {name} lacks deps {sorted(missing)}"
+
+
 def _run(cwd: Path, *args: str) -> str:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
@@ -57,6 +86,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _run(root, "git", "init", "-q")
     _run(root, sys.executable, "-m", "dvc", "init", "-q")
     shutil.copy(ROOT / ".dvc" / "config", root / ".dvc" / "config")  # parsing.bool: --no-flag for false
+    shutil.copytree(ROOT / ".dvc" / "plots", root / ".dvc" / "plots")  # the report's curve template
     _run(root, "git", "add", "-A")
     _run(root, "git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "commit", "-qm", "init")
     return root

@@ -174,7 +174,7 @@ def gendd(*args: str, ok: bool = True, cwd: Path | None = None) -> subprocess.Co
     return result
 
 
-TINY_DISTILL = ["--student", "test_resnet", "--epochs", "1", "--batch-size", "32", "--cpu"]
+TINY_DISTILL = ["--student", "test_resnet", "--epochs", "1", "--batch-size", "32", "--device", "cpu"]
 TINY_DISTILL += ["--token-dim", "4", "--head-width", "32", "--diffusion-batch-mul", "1", "--input-size", "8"]
 
 
@@ -188,7 +188,7 @@ def test_distill_and_evaluate_stream_from_an_http_server(cached: tuple[ShardInde
         out, ev = tmp_path / "student", tmp_path / "eval"
         remote = ["--shards", f"{url}/shards", "--cache", f"{url}/cache", "--data", "stream", "--workers", "1"]
         gendd("distill", *remote, "--out", str(out), "--method", "gendd", *TINY_DISTILL)
-        gendd("evaluate", *remote, "--student", str(out), "--out", str(ev), "--steps", "2", "--n-samples", "1")
+        gendd("evaluate", *remote, "--student-dir", str(out), "--out", str(ev), "--steps", "2", "--n-samples", "1")
     metrics = json.loads((ev / "metrics.json").read_text())
     assert {"probe_top1", "generative_top1", "teacher_top1"} <= metrics.keys()
     history = json.loads((out / "train.json").read_text())["history"]

@@ -187,3 +187,13 @@ def test_unsupervised_warm_start_trains_the_same_weights_whatever_the_labels(tmp
     student, _ = train(cfg, other, tmp_path / "other", 8)
     for (name, a), b in zip(reference.state_dict().items(), student.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_resuming_with_more_epochs_continues_the_run(tmp_path: Path) -> None:
+    data = _data()
+    short = replace(TINY, epochs=2, warmstart_epochs=0)
+    _, first = train(short, data, tmp_path, 8)
+    _, history = train(replace(short, epochs=3), data, tmp_path, 8)
+    assert [h["epoch"] for h in history] == [1, 2, 3] and history[:2] == first  # two kept, one more trained
+    with pytest.raises(GenddError, match="holds 3 trained epochs, more than --epochs 2"):
+        train(short, data, tmp_path, 8)

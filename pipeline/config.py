@@ -1,0 +1,214 @@
+"""Settings of every stage, and the choices of every string option: plain dataclasses without torch, so the CLI
+builds its options (defaults, choices) from them and starts fast. Each validates its values when made."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pipeline.errors import GenddError, require, require_choice
+
+METHODS = ("ce", "kd", "kl", "gendd", "gendd_unsup")
+SUPERVISED = {"ce", "kd", "gendd"}
+USES_HEAD = {"gendd", "gendd_unsup"}
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
+SAMPLERS = ("ddpm", "ddim", "dpmsolver")
+POLICIES = ("rrc", "pad_crop", "flip", "none")
+DATA_MODES = ("auto", "memory", "stream")
+CODECS = ("zstd", "lz4", "none", "bf16", "int8")
+FORMATS = ("zarr", "webdataset")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+# Learning rate per method when none is given: the best of a sweep (0.002-0.032) on the Fashion-MNIST holdout
+# (10 000 training images, test_resnet from a resnet18 teacher, 10 epochs, batch 128, 2 CPU cores; README tuning).
+TUNED_LR = {"gendd": 0.008, "gendd_unsup": 0.008, "kd": 0.032, "ce": 0.016, "kl": 0.016}
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Which loss to train with and its hyper-parameters."""
+
+    method: str
+    contraction: float = 0.9  # lam of Distribution Contraction; forced to 0 for gendd_unsup
+    mixup_beta: float = 1.0  # <= 0 turns feature mixup off
+    kd_alpha: float = 1.0
+    kd_tau: float = 4.0
+    # Logit adjustment (Menon et al. 2021) of every cross-entropy on labels (ce, kd, GenDD's probe): train on
+    # logits + tau * log(prior) and predict with the plain logits, which targets balanced accuracy on long-tailed data.
+    logit_adjust: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise GenddError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.method == "gendd_unsup":
+            # Contraction needs labels, which the unsupervised method never sees.
+            object.__setattr__(self, "contraction", 0.0)
+        if not 0.0 <= self.contraction <= 1.0:
+            raise GenddError(f"contraction must be in [0, 1], got {self.contraction}")
+        if self.kd_tau <= 0:
+            raise GenddError(f"kd_tau must be positive, got {self.kd_tau}")
+        if self.logit_adjust < 0:
+            raise GenddError(f"logit_adjust must be >= 0 (0 = plain cross-entropy), got {self.logit_adjust}")
+        if not self.mixup_beta >= 0:
+            raise GenddError(f"mixup_beta must be >= 0 (0 = off), got {self.mixup_beta}")
+        if not self.kd_alpha >= 0:
+            raise GenddError(f"kd_alpha must be >= 0, got {self.kd_alpha}")
+
+
+@dataclass(frozen=True)
+class ViewPolicy:
+    """How views 1..K-1 are drawn: random-resized-crop (`rrc`), pad-and-crop, flip only, or none (identity)."""
+
+    kind: str = "rrc"
+    scale: tuple[float, float] = (0.35, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    pad: int = 2  # pad_crop: pixels of (zero) padding on each side, as in CIFAR's pad-4-crop-32
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in POLICIES:
+            raise GenddError(f"view policy {self.kind!r} is unknown; choose one of {', '.join(POLICIES)}")
+        if not (0 < self.scale[0] <= self.scale[1] <= 1 and 0 < self.ratio[0] <= self.ratio[1]):
+            raise GenddError(f"view policy scale {self.scale} / ratio {self.ratio} out of range (0 < lo <= hi)")
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form, stored in caches so readers can check they replay the same policy."""
+        return {**asdict(self), "scale": list(self.scale), "ratio": list(self.ratio)}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> ViewPolicy:
+        """Inverse of `to_dict`."""
+        return cls(
+            **{**raw, "scale": tuple(raw.get("scale", (0.35, 1.0))), "ratio": tuple(raw.get("ratio", (0.75, 4 / 3)))}
+        )
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """How training input is read: mode, loader workers and the stream's shuffle buffer."""
+
+    mode: str = "auto"
+    workers: int = -1  # stream loader processes; -1 = auto (one per spare core, up to 8)
+    shuffle_buffer: int = 4096  # samples a stream worker shuffles among (memory ~ buffer x one decoded sample)
+
+    def __post_init__(self) -> None:
+        if self.mode not in DATA_MODES:
+            raise GenddError(f"--data {self.mode!r} is unknown: choose one of {', '.join(DATA_MODES)}")
+        if self.shuffle_buffer < 0:
+            raise GenddError(f"--shuffle-buffer must be >= 0, got {self.shuffle_buffer}")
+        if self.workers < -1:
+            raise GenddError(f"--workers must be >= 0, or -1 for auto, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines one training run (its hash guards resumption)."""
+
+    model: str = "resnet10t"
+    small_stem: bool = True
+    method: str = "gendd"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float | None = None  # None: the method's tuned learning rate (TUNED_LR)
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    beta2_start: float = 0.95
+    beta2_end: float = 0.999
+    warmstart_epochs: int = 0  # the first epochs of `epochs` (generative methods only): stage-1 warm start
+    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig("gendd"))
+    head_token_dim: int = 64
+    head_width: int = 256
+    head_depth: int = 3
+    diffusion_batch_mul: int = 2  # noise draws per (sample, token); 8 gains ~0.5 points at 3.5x the CPU step time
+    cond_dropout: float = 0.2
+    head_lr_mult: float = 2.5  # head + probe learning rate over the backbone's (1.0 = the paper's single lr)
+    target_norm: bool = True  # standardise diffusion targets per dimension (False = the paper's raw targets)
+    head_prediction: str = "v_prediction"  # what the head predicts: v (tuned default), epsilon (paper) or sample
+    input_size: int | None = None  # default: the teacher's input size (or the images' size)
+    policy: ViewPolicy = field(default_factory=ViewPolicy)  # augmentation when training without a cache
+    seed: int = 0
+    mixed_precision: str = "no"
+    cpu: bool = False
+
+    def __post_init__(self) -> None:
+        """Every setting in range before any work (the CLI passes options through unchanged)."""
+        require_choice("method", self.method, METHODS)
+        if self.lr is None:
+            object.__setattr__(self, "lr", TUNED_LR[self.method])
+        require(self.epochs >= 1, "epochs", ">= 1", self.epochs)
+        require(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+        require(math.isfinite(self.lr) and self.lr > 0, "lr", "a positive number", self.lr)
+        require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+        require(
+            0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", f"in [0, epochs={self.epochs}]", self.warmup_epochs
+        )
+        require(
+            0 <= self.warmstart_epochs < self.epochs,
+            "warmstart_epochs",
+            f"in [0, epochs={self.epochs}) (the warm start is the first epochs of the run)",
+            self.warmstart_epochs,
+        )
+        for name in ("head_token_dim", "head_width", "head_depth", "diffusion_batch_mul"):
+            value = getattr(self, name)
+            require(value >= 1, name.removeprefix("head_"), ">= 1", value)
+        require(0 <= self.cond_dropout < 1, "cond_dropout", "in [0, 1)", self.cond_dropout)
+        require(self.head_lr_mult > 0, "head_lr_mult", "positive", self.head_lr_mult)
+        require_choice("head_prediction", self.head_prediction, PREDICTIONS)
+        require(self.input_size is None or self.input_size >= 1, "input_size", ">= 1", self.input_size)
+        require_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+
+    def fingerprint(self) -> str:
+        """Stable text of the settings that must match to resume a checkpoint (not `epochs`: a resumed run may be
+        extended)."""
+        return json.dumps({k: v for k, v in asdict(self).items() if k != "epochs"}, sort_keys=True, default=str)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the generative path draws teacher features: sampler, steps, guidance scale, samples averaged."""
+
+    sampler: str = "ddim"
+    steps: int = 25
+    cfg_scale: float = 2.0
+    n_samples: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require_choice("sampler", self.sampler, SAMPLERS)
+        require(self.steps >= 1, "steps", ">= 1", self.steps)
+        require(math.isfinite(self.cfg_scale) and self.cfg_scale >= 0, "cfg_scale", ">= 0 (1 = none)", self.cfg_scale)
+        require(self.n_samples >= 1, "n_samples", ">= 1", self.n_samples)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """What to extract, with which teacher, views and storage."""
+
+    shards: str | Path  # a local directory or a URL
+    teacher: Path
+    out: str | Path  # local only
+    splits: tuple[str, ...] = ("train", "val")
+    num_views: int = 8
+    eval_views: int = 1  # views cached for splits other than train (the identity is enough to evaluate)
+    policy: ViewPolicy = field(default_factory=ViewPolicy)
+    seed: int = 0
+    batch_size: int = 512
+    codec: str = "zstd"
+    fmt: str = "zarr"
+    mixed_precision: str = "no"
+    cpu: bool = False
+    workers: int = -1  # shard-decode processes; 0 = one thread; -1 = auto (processes only where cores are spare)
+
+    def __post_init__(self) -> None:
+        """Options in range before anything is written (a `--views 0` leaves nothing behind)."""
+        require(len(self.splits) > 0, "splits", "at least one split name", ",".join(self.splits))
+        require(self.num_views >= 1, "views", ">= 1 (view 0 is the plain image)", self.num_views)
+        require(self.eval_views >= 1, "eval_views", ">= 1", self.eval_views)
+        require(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+        require(self.workers >= -1, "workers", ">= 0, or -1 for auto", self.workers)
+        require_choice("codec", self.codec, CODECS)
+        require_choice("format", self.fmt, FORMATS)
+        require_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
