@@ -167,8 +167,13 @@ def _write_split(
     (size, sha256) from the previous index) or, unrecorded, the bytes it would be written with. Returns the split's
     index entry and the names of recorded or existing files that had to be rewritten (missing or damaged)."""
     names, counts, starts, sizes, hashes, seen, labels, redone = [], [], [], [], [], {}, [], []
-    samples = islice(iter_source(spec, split), max_samples)
     with tqdm(desc=f"prepare {split}", unit="img", leave=False) as bar:
+
+        def total(n: int) -> None:  # the bar shows N of total once the source has listed its samples
+            bar.total = min(n, max_samples or n)
+            bar.refresh()
+
+        samples = islice(iter_source(spec, split, total), max_samples)
         for i, chunk in enumerate(_batched(samples, shard_size)):
             name = f"{split}-{i:06d}.tar"
             for sample in chunk:

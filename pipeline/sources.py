@@ -10,7 +10,7 @@ import math
 import os
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -143,11 +143,12 @@ def _idx(spec: DataSpec, split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def _array_samples(spec: DataSpec, split: str) -> Iterator[Sample]:
+def _array_samples(spec: DataSpec, split: str, on_total: Callable[[int], None]) -> Iterator[Sample]:
     images, labels = (_digits if spec.source == "sklearn_digits" else _idx)(spec, split)
     index = np.arange(len(images))
     if spec.imbalance_factor > 1.0 and split in spec.imbalance_splits:
         index = long_tail_indices(labels, spec.num_classes, spec.imbalance_factor)
+    on_total(len(index))
     for i in index:
         yield Sample(f"{spec.name}-{split}-{i:07d}", _fit(images[i], spec), int(labels[i]) if spec.labeled else -1)
 
@@ -329,7 +330,7 @@ def folder_layout(spec: DataSpec) -> FolderLayout:
     return FolderLayout(base, not present, classes, splits, tuple(notes))
 
 
-def _image_folder(spec: DataSpec, split: str) -> Iterator[Sample]:
+def _image_folder(spec: DataSpec, split: str, on_total: Callable[[int], None]) -> Iterator[Sample]:
     layout = folder_layout(spec)
     root, files = layout.splits[split]
     labels = np.array([c for _, c in files], dtype=np.int64)
@@ -339,6 +340,7 @@ def _image_folder(spec: DataSpec, split: str) -> Iterator[Sample]:
     # Folders list a class at a time: shards in that order would each hold one class, and a streamed epoch (shards
     # shuffled, then a bounded shuffle buffer) would train on batches of a few classes. A seeded order mixes them.
     index = np.random.default_rng(spec.seed).permutation(index)
+    on_total(len(index))
     for i in index:
         path, label = files[i]
         try:
@@ -350,7 +352,7 @@ def _image_folder(spec: DataSpec, split: str) -> Iterator[Sample]:
         yield Sample(_key(path, root), pixels, label if spec.labeled else -1)
 
 
-def _webdataset(spec: DataSpec, split: str) -> Iterator[Sample]:
+def _webdataset(spec: DataSpec, split: str, on_total: Callable[[int], None]) -> Iterator[Sample]:
     import webdataset as wds
 
     if spec.imbalance_factor > 1.0:
@@ -433,8 +435,9 @@ def _webdataset_fingerprint(spec: DataSpec, split: str) -> str | None:
     return _stat_digest([(p.name, p) for p in paths])
 
 
-def iter_source(spec: DataSpec, split: str) -> Iterator[Sample]:
-    """Yield the samples of one split in a fixed order (the global sample order of the shards)."""
+def iter_source(spec: DataSpec, split: str, on_total: Callable[[int], None] | None = None) -> Iterator[Sample]:
+    """Yield the samples of one split in a fixed order (the global sample order of the shards); `on_total(n)` is
+    told the split's size before the first sample, where the source knows it (not for webdataset sources)."""
     if split not in spec.splits:
         raise GenddError(f"spec {spec.name} has no split {split!r}; it has {', '.join(spec.splits)}")
     readers = {
@@ -443,4 +446,4 @@ def iter_source(spec: DataSpec, split: str) -> Iterator[Sample]:
         "image_folder": _image_folder,
         "webdataset": _webdataset,
     }
-    return readers[spec.source](spec, split)
+    return readers[spec.source](spec, split, on_total or (lambda n: None))
