@@ -10,11 +10,11 @@ polls the run's process tree (the main process and its DataLoader workers) every
 often, see `_Trace`). Throughput is the last epoch's images/s from `<out>/train.json` (the first epoch includes
 start-up). Streaming reads one shard and its cache chunk at a time through a bounded shuffle buffer (4096 samples by
 default: below that size the buffer holds the whole split), so its peak should stay flat while the memory mode's
-grows with N. Use at least 2 epochs: each epoch forks its loader workers anew, and from the second epoch on they are
-forked from a trainer that already holds its working heap.
+grows with N. Use at least 2 epochs: the second shows the steady state of the persistent loader workers.
 
-  # results/streaming_cpu.*: 8000 samples at 128 px instead of 16000 at 64 px (same data bytes at 16x, half the time)
-  python benchmarks/bench_streaming.py --sizes 500 2000 8000 --image-size 128 --tag cpu
+  # results/streaming_cpu_256px.*: the data dominates the memory mode (1.46 GiB of images at 8000 samples)
+  python benchmarks/bench_streaming.py --sizes 500 2000 8000 --image-size 256 --input-size 16 --shuffle-buffer 256 \
+      --tag cpu_256px
   python benchmarks/bench_streaming.py                            # 1000 / 4000 / 16000 samples, 64 px, D_T=2048
   python benchmarks/bench_streaming.py --sizes 200 400 --work /tmp/bs-tiny --tag tiny --out /tmp/bs-tiny-results
 """
