@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     except ClickException as err:  # unknown option, a value outside its range or choices
         where = f"{err.ctx.command_path}: " if getattr(err, "ctx", None) else ""
         help_hint = f" (see {err.ctx.command_path} --help)" if getattr(err, "ctx", None) else " (see gendd --help)"
-        _fail(f"{where}{err.format_message()}{help_hint}", err.exit_code)
+        message = err.format_message().replace("Value error, ", "")  # pydantic's prefix on a refused choice
+        _fail(f"{where}{message}{help_hint}", err.exit_code)
     except GenddError as err:
         _fail(str(err))
     except OSError as err:  # permission denied, no space left, a file where a directory belongs ...
