@@ -112,7 +112,7 @@ def _flag(small: bool) -> str:
     return "--small-stem" if small else "--no-small-stem"
 
 
-def small_stem_choice(
+def resolve_small_stem(
     setting: bool | None,
     name: str,
     input_size: int,
@@ -120,7 +120,12 @@ def small_stem_choice(
     recorded: bool | None = None,
     source: str = "the checkpoint",
 ) -> tuple[bool, str]:
-    """`resolve_small_stem`, plus a few words on how the stem was chosen (the teacher's card records them)."""
+    """The stem to build for timm model `name`. An explicit True/False is kept, and refused (GenddError) when it
+    contradicts the checkpoint. None (auto) follows the checkpoint's weights when `state_dict` is given, else picks
+    the small stem for inputs up to SMALL_INPUT_MAX px. When the weights cannot tell (timm's stock first conv is
+    3x3 too), `recorded` decides (the stem the gendd card saved with the checkpoint states), else timm's stock
+    stem. `source` names the checkpoint in errors. Returns (small, a few words on how it was chosen: the teacher's
+    card records them)."""
     if state_dict is None:
         if setting is not None:
             return setting, f"{_flag(setting)} (no checkpoint)"
@@ -147,22 +152,6 @@ def small_stem_choice(
             f"{_flag(setting)} (the stem then follows the checkpoint) or pass {_flag(found)}"
         )
     return setting, _flag(setting)
-
-
-def resolve_small_stem(
-    setting: bool | None,
-    name: str,
-    input_size: int,
-    state_dict: dict | None = None,
-    recorded: bool | None = None,
-    source: str = "the checkpoint",
-) -> bool:
-    """The stem to build for timm model `name`. An explicit True/False is kept, and refused (GenddError) when it
-    contradicts the checkpoint. None (auto) follows the checkpoint's weights when `state_dict` is given, else picks
-    the small stem for inputs up to SMALL_INPUT_MAX px. When the weights cannot tell (timm's stock first conv is
-    3x3 too), `recorded` decides (the stem the gendd card saved with the checkpoint states), else timm's stock
-    stem. `source` names the checkpoint in errors."""
-    return small_stem_choice(setting, name, input_size, state_dict, recorded, source)[0]
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ from pipeline.models import (
     feature_dim,
     first_conv,
     linear_head,
+    resolve_small_stem,
     save_model,
     sha256_file,
-    small_stem_choice,
     state_diff,
 )
 from pipeline.objectives import ObjectiveConfig
@@ -200,10 +200,10 @@ def make_teacher(cfg: TeacherConfig) -> dict:
     name = cfg.train.model
     ckpt = read_checkpoint(Path(cfg.checkpoint)) if cfg.checkpoint is not None else None
     if ckpt is None:
-        small, stem_why = small_stem_choice(cfg.small_stem, name, size)
+        small, stem_why = resolve_small_stem(cfg.small_stem, name, size)
     else:
         recorded = ckpt.card["small_stem"] if ckpt.card else None
-        small, stem_why = small_stem_choice(cfg.small_stem, name, size, ckpt.state, recorded, str(cfg.checkpoint))
+        small, stem_why = resolve_small_stem(cfg.small_stem, name, size, ckpt.state, recorded, str(cfg.checkpoint))
     tcfg = replace(
         cfg.train, method="ce", objective=ObjectiveConfig("ce"), warmstart_epochs=0, input_size=size, small_stem=small
     )

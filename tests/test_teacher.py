@@ -181,22 +181,22 @@ def test_mismatch_says_what_differs_and_the_fix(
 
 def test_resolve_small_stem() -> None:
     """(d) auto: small inputs get the small stem; a checkpoint decides when its weights tell; explicit is kept."""
-    assert resolve_small_stem(None, "test_resnet", 8) is True
-    assert resolve_small_stem(None, "test_resnet", 64) is True
-    assert resolve_small_stem(None, "test_resnet", 224) is False
-    assert resolve_small_stem(False, "test_resnet", 8) is False
-    assert resolve_small_stem(True, "resnet18", 224) is True
+    assert resolve_small_stem(None, "test_resnet", 8)[0] is True
+    assert resolve_small_stem(None, "test_resnet", 64)[0] is True
+    assert resolve_small_stem(None, "test_resnet", 224)[0] is False
+    assert resolve_small_stem(False, "test_resnet", 8)[0] is False
+    assert resolve_small_stem(True, "resnet18", 224)[0] is True
     stock, small = _stock("resnet18").state_dict(), _small("resnet18").state_dict()
     assert checkpoint_stem("resnet18", stock)[0] == "stock"
     assert checkpoint_stem("resnet18", small)[0] == "small"
     assert checkpoint_stem("test_resnet", _stock("test_resnet").state_dict())[0] == "either"
     assert checkpoint_stem("test_resnet", stock)[0] == "unknown"
-    assert resolve_small_stem(None, "resnet18", 8, stock) is False
-    assert resolve_small_stem(None, "resnet18", 224, small) is True
+    assert resolve_small_stem(None, "resnet18", 8, stock)[0] is False
+    assert resolve_small_stem(None, "resnet18", 224, small)[0] is True
     either = _small("test_resnet").state_dict()
-    assert resolve_small_stem(None, "test_resnet", 8, either) is False  # no card: timm's stock model
-    assert resolve_small_stem(None, "test_resnet", 8, either, recorded=True) is True
-    assert resolve_small_stem(True, "test_resnet", 8, either) is True  # the weights cannot contradict it
+    assert resolve_small_stem(None, "test_resnet", 8, either)[0] is False  # no card: timm's stock model
+    assert resolve_small_stem(None, "test_resnet", 8, either, recorded=True)[0] is True
+    assert resolve_small_stem(True, "test_resnet", 8, either)[0] is True  # the weights cannot contradict it
 
 
 def test_explicit_stem_contradicting_the_checkpoint_is_refused(digits_shards: ShardIndex, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import zarr
 from pipeline.errors import GenddError
 from pipeline.store import open_cache
 from stages.app import main
+from tests.test_extract import Teacher, _make_teacher
 from tests.test_store import CHUNK, build, make_data, make_meta, open_writer, write_chunks
 
 # ---- helpers ----------------------------------------------------------------------------------------------------
@@ -349,39 +350,13 @@ def test_info_shows_damage_it_sees_cheaply(
     assert data == ["train-000000.tar chunk 0: missing"]
 
 
-@dataclass(frozen=True)
-class Teacher:
-    dir: Path
-    sha256: str
-
-
-SIZE = 8
-
-
-def _make_teacher(out: Path, spec_hash: str, mean: tuple, std: tuple, seed: int) -> Teacher:
-    import torch
-    from torch import nn
-
-    from pipeline.models import ModelCard, create_model, feature_dim, save_model, sha256_file
-
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = create_model("test_resnet", 10, 1, small_stem=True).eval()
-    for module in model.modules():  # undo timm's zero-init of each block's last BN, so features depend on the view
-        if isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-    card = ModelCard("test_resnet", 10, 1, True, SIZE, mean, std, feature_dim(model, 1, SIZE), {"spec_hash": spec_hash})
-    return Teacher(out, sha256_file(save_model(model, card, out, "teacher")))
-
-
 @pytest.fixture(scope="module")
 def replayable(digits_shards, tmp_path_factory: pytest.TempPathFactory) -> tuple[Teacher, Path]:
     """A teacher and its extracted val cache (K=2 views, zarr) of the digits shards."""
     from pipeline.extract import ExtractConfig, extract
 
-    spec = digits_shards.spec
     teacher = _make_teacher(
-        tmp_path_factory.mktemp("teacher"), digits_shards.spec_hash, tuple(spec["mean"]), tuple(spec["std"]), 0
+        tmp_path_factory.mktemp("teacher"), digits_shards, 0, {"spec_hash": digits_shards.spec_hash}
     )
     out = tmp_path_factory.mktemp("cache")
     config = ExtractConfig(digits_shards.root, teacher.dir, out, ("val",), eval_views=2, batch_size=100, cpu=True)
@@ -419,7 +394,6 @@ def test_replay_fails_on_values_that_are_not_the_teacher_s(
         line = assert_fails_naming(run, "features chunk 1: sample ", "differs from the teacher")
         assert "features chunk 0" not in run.out and "features chunk 2" not in run.out, line
 
-    spec = digits_shards.spec
-    other = _make_teacher(tmp_path / "other", digits_shards.spec_hash, tuple(spec["mean"]), tuple(spec["std"]), 1)
+    other = _make_teacher(tmp_path / "other", digits_shards, 1, {"spec_hash": digits_shards.spec_hash})
     run = gendd(monkeypatch, capsys, *args[:5], "--teacher", other.dir, "--shards", digits_shards.root)
     assert_fails_naming(run, "attributes: record teacher checkpoint sha256")
