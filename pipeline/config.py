@@ -92,7 +92,8 @@ class DataOptions:
     shuffle_buffer: int = 4096  # samples a stream worker shuffles among (memory ~ buffer x one decoded sample)
 
     def __post_init__(self) -> None:
-        require_choice("data", self.mode, DATA_MODES)
+        if self.mode not in DATA_MODES:
+            raise GenddError(f"--data {self.mode!r} is unknown: choose one of {', '.join(DATA_MODES)}")
         require(self.shuffle_buffer >= 0, "shuffle_buffer", ">= 0", self.shuffle_buffer)
         require(self.workers >= -1, "workers", ">= 0, or -1 for auto", self.workers)
 
