@@ -10,9 +10,11 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ from tqdm import tqdm
 from pipeline.config import ExtractConfig
 from pipeline.errors import GenddError
 from pipeline.models import features, linear_head, load_card, load_model
-from pipeline.shards import ShardData, load_index
+from pipeline.shards import ShardData, ShardIndex, ShardSet, load_index
 from pipeline.store import CacheMeta, FeatureCacheWriter
 from pipeline.views import apply_views, decode_shard_with_views
 
@@ -95,17 +97,27 @@ def _run_chunk(runner: TeacherRunner, images: torch.Tensor, views: np.ndarray, b
     return f_all, z_all
 
 
-def _meta(cfg: ExtractConfig, index, split: str, n: int, k: int) -> CacheMeta:
+def _meta(cfg: ExtractConfig, index: ShardIndex, split: str, n: int, k: int) -> CacheMeta:
     dataset = {"name": index.spec["name"], "spec_hash": index.spec_hash, "split": split, "n": n}
     views = {"K": k, "policy": cfg.policy.to_dict(), "seed": cfg.seed}
     return CacheMeta(teacher=teacher_fingerprint(cfg.teacher), dataset=dataset, views=views, codec=cfg.codec)
 
 
-def extract_split(
-    cfg: ExtractConfig, split: str, runner: TeacherRunner, rank: int = 0, world: int = 1, reader: Executor | None = None
-) -> dict:
-    """Fill this rank's missing chunks of one split; returns counts and throughput. `reader` decodes shards (a pool
-    shared by the splits); without one the split starts its own."""
+@dataclass(frozen=True)
+class _SplitPlan:
+    """One split's extraction: its shards, K views per sample, the open store and this rank's chunks still to do."""
+
+    split: str
+    shards: ShardSet
+    image_size: int
+    k: int
+    keys: list[str]
+    writer: FeatureCacheWriter
+    todo: list[int]
+
+
+def _plan_split(cfg: ExtractConfig, split: str, runner: TeacherRunner, rank: int = 0, world: int = 1) -> _SplitPlan:
+    """Open (or resume) the split's store and list the chunks this rank still has to fill."""
     index = load_index(cfg.shards)
     shards = index.split(split)
     trained_on = (runner.card.get("extra") or {}).get("spec_hash", index.spec_hash)
@@ -113,76 +125,131 @@ def extract_split(
         print(f"note: the teacher was trained on data spec {trained_on}, extracting spec {index.spec_hash}")
     k = cfg.num_views if split == "train" else cfg.eval_views
     keys, labels = shards.keys_and_labels()
-    labels = np.asarray(labels, dtype=np.int32)
     writer = FeatureCacheWriter.open(
         cfg.out,
         split,
         _meta(cfg, index, split, len(keys), k),
         chunk_size=index.shard_size,
         keys=keys,
-        labels=labels,
+        labels=np.asarray(labels, dtype=np.int32),
         head_weight=runner.weight.cpu().numpy(),
         head_bias=runner.bias.cpu().numpy(),
         fmt=cfg.fmt,
     )
     todo = writer.pending_chunks(rank, world)
-    size = int(index.spec["image_size"])
-    started, pairs, first_chunk = time.perf_counter(), 0, None
+    return _SplitPlan(split, shards, int(index.spec["image_size"]), k, keys, writer, todo)
+
+
+_Decoded = tuple[list[str], np.ndarray, np.ndarray, list[bytes] | None, np.ndarray]  # see decode_shard_with_views
+
+
+def _decode_ahead(reader: Executor, cfg: ExtractConfig, plan: _SplitPlan, ahead: int) -> Iterator[tuple[int, _Decoded]]:
+    """(chunk, decoded shard) in `plan.todo` order, with `ahead` shards in the reader while the caller works on one."""
+    keep_png = cfg.fmt == "webdataset"
+
+    def submit(i: int) -> Future[_Decoded]:
+        path = str(plan.shards.path(i))
+        return reader.submit(decode_shard_with_views, path, keep_png, plan.k, cfg.policy, cfg.seed, plan.image_size)
+
+    queue = deque(submit(i) for i in plan.todo[:ahead])
+    for pos, i in enumerate(plan.todo):
+        decoded = queue.popleft().result()
+        if pos + ahead < len(plan.todo):  # keep every decoder busy while the teacher works on this shard
+            queue.append(submit(plan.todo[pos + ahead]))
+        yield i, decoded
+
+
+class _ChunkSaver:
+    """Writes chunks on a side thread, so compression overlaps the next teacher chunk; at most one in flight."""
+
+    def __init__(self, writer: FeatureCacheWriter, pool: ThreadPoolExecutor) -> None:
+        self.writer, self.pool = writer, pool
+        self.pending: Future | None = None
+
+    def wait(self) -> None:
+        """Block until the chunk in flight is written; raises its write error."""
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+
+    def submit(self, i: int, feats: np.ndarray, logits: np.ndarray, views: np.ndarray, png: list | None) -> None:
+        self.wait()
+        self.pending = self.pool.submit(self.writer.write_chunk, i, feats, logits, views, png)
+
+
+def _extract_chunk(
+    runner: TeacherRunner, plan: _SplitPlan, i: int, decoded: _Decoded, cfg: ExtractConfig, saver: _ChunkSaver
+) -> int:
+    """Run the teacher over chunk i's (sample, view) pairs and hand them to the saver; returns the sample count."""
+    chunk_keys, images, labels, png, views = decoded
+    data = ShardData(chunk_keys, torch.from_numpy(images), torch.from_numpy(labels), png)
+    start, count = plan.shards.starts[i], plan.shards.counts[i]
+    if data.keys != plan.keys[start : start + count]:
+        raise GenddError(f"{plan.shards.path(i)} changed since the cache was started; delete {cfg.out} and re-run")
+    feats, logits = _run_chunk(runner, data.images, views, cfg.batch_size)
+    saver.submit(i, feats, logits, views, data.png)
+    return len(data.keys)
+
+
+@dataclass
+class _Throughput:
+    """(sample, view) pairs done since `started`; `first_chunk` = (seconds, pairs) when the first chunk was done."""
+
+    started: float = field(default_factory=time.perf_counter)
+    pairs: int = 0
+    first_chunk: tuple[float, int] | None = None
+
+    def add(self, pairs: int) -> None:
+        self.pairs += pairs
+        if self.first_chunk is None:  # the pipeline fill: first decode (and worker start) + one teacher chunk
+            self.first_chunk = (time.perf_counter() - self.started, self.pairs)
+
+    def rate(self) -> float:
+        return self.pairs / (time.perf_counter() - self.started)
+
+    def summary(self, plan: _SplitPlan) -> dict:
+        """Counts and throughput of a finished split (`writer` included, for the caller to finalize)."""
+        seconds = time.perf_counter() - self.started
+        fill_s, fill_pairs = self.first_chunk or (0.0, 0)
+        rest_s = seconds - fill_s
+        return {
+            "split": plan.split,
+            "n": len(plan.keys),
+            "K": plan.k,
+            "chunks_written": len(plan.todo),
+            "views": self.pairs,
+            "seconds": seconds,
+            "views_per_s": self.pairs / seconds if seconds > 0 else 0.0,
+            "first_chunk_s": fill_s,
+            # after the first chunk: the rate a long extraction converges to (None with a single chunk)
+            "steady_views_per_s": (self.pairs - fill_pairs) / rest_s if len(plan.todo) > 1 and rest_s > 0 else None,
+            "writer": plan.writer,
+        }
+
+
+def extract_split(
+    cfg: ExtractConfig, split: str, runner: TeacherRunner, rank: int = 0, world: int = 1, reader: Executor | None = None
+) -> dict:
+    """Fill this rank's missing chunks of one split; returns counts and throughput. `reader` decodes shards (a pool
+    shared by the splits); without one the split starts its own."""
+    plan = _plan_split(cfg, split, runner, rank, world)
+    done = _Throughput()
     workers = decode_workers(cfg.workers)
     with ExitStack() as stack:
         if reader is None:
             reader = stack.enter_context(_decoder(workers))
-        saver = stack.enter_context(ThreadPoolExecutor(1))
-        keep_png = cfg.fmt == "webdataset"
-        ahead = max(1, workers)  # shards being decoded while the teacher works: one per worker
-
-        def submit(i: int):
-            return reader.submit(decode_shard_with_views, str(shards.path(i)), keep_png, k, cfg.policy, cfg.seed, size)
-
-        queue = [submit(i) for i in todo[:ahead]]
-        pending_write = None
-        bar = tqdm(
-            total=sum(shards.counts[i] for i in todo) * k,
-            desc=f"extract {split}",
-            unit="view",
-            leave=False,
-            disable=rank != 0,
-        )
-        for pos, i in enumerate(todo):
-            chunk_keys, images, chunk_labels, png, views = queue.pop(0).result()
-            if pos + ahead < len(todo):  # keep every decoder busy while the teacher works on this shard
-                queue.append(submit(todo[pos + ahead]))
-            data = ShardData(chunk_keys, torch.from_numpy(images), torch.from_numpy(chunk_labels), png)
-            if data.keys != keys[shards.starts[i] : shards.starts[i] + shards.counts[i]]:
-                raise GenddError(f"{shards.path(i)} changed since the cache was started; delete {cfg.out} and re-run")
-            feats, logits = _run_chunk(runner, data.images, views, cfg.batch_size)
-            if pending_write is not None:
-                pending_write.result()  # surface write errors, keep at most one chunk in flight
-            pending_write = saver.submit(writer.write_chunk, i, feats, logits, views, data.png)
-            pairs += len(data.keys) * k
-            if first_chunk is None:  # the pipeline fill: first decode (and worker start) + one teacher chunk
-                first_chunk = (time.perf_counter() - started, pairs)
-            bar.update(len(data.keys) * k)
-            bar.set_postfix(views_per_s=f"{pairs / (time.perf_counter() - started):.0f}")
-        if pending_write is not None:
-            pending_write.result()
+        saver = _ChunkSaver(plan.writer, stack.enter_context(ThreadPoolExecutor(1)))
+        total = sum(plan.shards.counts[i] for i in plan.todo) * plan.k
+        bar = tqdm(total=total, desc=f"extract {split}", unit="view", leave=False, disable=rank != 0)
+        # one shard in decode per worker while the teacher works
+        for i, decoded in _decode_ahead(reader, cfg, plan, ahead=max(1, workers)):
+            pairs = _extract_chunk(runner, plan, i, decoded, cfg, saver) * plan.k
+            done.add(pairs)
+            bar.update(pairs)
+            bar.set_postfix(views_per_s=f"{done.rate():.0f}")
+        saver.wait()
         bar.close()
-    seconds = time.perf_counter() - started
-    fill_s, fill_pairs = first_chunk or (0.0, 0)
-    rest_s = seconds - fill_s
-    return {
-        "split": split,
-        "n": len(keys),
-        "K": k,
-        "chunks_written": len(todo),
-        "views": pairs,
-        "seconds": seconds,
-        "views_per_s": pairs / seconds if seconds > 0 else 0.0,
-        "first_chunk_s": fill_s,
-        # after the first chunk: the rate a long extraction converges to (None with a single chunk)
-        "steady_views_per_s": (pairs - fill_pairs) / rest_s if len(todo) > 1 and rest_s > 0 else None,
-        "writer": writer,
-    }
+    return done.summary(plan)
 
 
 def extract(cfg: ExtractConfig) -> list[dict]:
