@@ -14,7 +14,7 @@ grows with N. Use at least 2 epochs: the second shows the steady state of the pe
 
   # results/streaming_cpu_256px.*: the data dominates the memory mode (1.46 GiB of images at 8000 samples)
   python benchmarks/bench_streaming.py --sizes 500 2000 8000 --image-size 256 --input-size 16 --shuffle-buffer 256 \
-      --tag cpu_256px
+      --tag 256px
   python benchmarks/bench_streaming.py                            # 1000 / 4000 / 16000 samples, 64 px, D_T=2048
   python benchmarks/bench_streaming.py --sizes 200 400 --work /tmp/bs-tiny --tag tiny --out /tmp/bs-tiny-results
 """

@@ -1,6 +1,7 @@
 """Shared pieces of the benchmarks: options, machine description, timing, result files, tiny data and teachers.
 
 Every benchmark runs as `python benchmarks/bench_<name>.py [options]` and imports this module from its own folder.
+Result files are named `<name>_<machine>[_<tag>]`: machine `cpu` where CUDA is absent, else the GPU's short name.
 Nothing is downloaded: data is the embedded digits set or synthetic uint8 images, teachers are random-weight timm
 models (or trained here on digits).
 """
@@ -11,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -36,16 +38,35 @@ def make_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: less disturbed by others)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for <name>.json and <name>.md")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the .json and .md result files")
     parser.add_argument("--work", type=Path, default=WORK, help="scratch folder (shards, teachers, caches)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tag", default="", help="suffix of the result files: <name>_<tag>.json/.md")
+    parser.add_argument("--tag", default="", help="variant suffix of the result files: <name>_<machine>_<tag>.json/.md")
     return parser
 
 
+# words of a CUDA device name that do not tell GPUs apart ("NVIDIA H100 80GB HBM3" -> "h100")
+_GPU_VENDOR_WORDS = {"nvidia", "tesla", "geforce", "quadro"}
+
+
+def machine_tag(device: str = "cpu") -> str:
+    """The machine part of a result name: `cpu` without CUDA, else the GPU's short name (`h100`, `a100`, `rtx4090`)."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    dev = torch.device(device)
+    index = dev.index if dev.type == "cuda" and dev.index is not None else 0
+    words = [
+        w for w in re.split(r"[\s_-]+", torch.cuda.get_device_name(index).lower()) if w and w not in _GPU_VENDOR_WORDS
+    ]
+    model = next((i for i, w in enumerate(words) if any(c.isdigit() for c in w)), None)
+    short = "".join(words[: model + 1]) if model is not None else "".join(words[:1])
+    return re.sub(r"[^a-z0-9]", "", short) or "gpu"
+
+
 def result_name(name: str, args: argparse.Namespace) -> str:
-    """`name`, or `name_tag` when --tag is given (several configurations of one benchmark side by side)."""
-    return f"{name}_{args.tag}" if args.tag else name
+    """`<name>_<machine>`, plus `_<tag>` when --tag is given (several configurations of one benchmark side by side)."""
+    stem = f"{name}_{machine_tag(args.device)}"
+    return f"{stem}_{args.tag}" if args.tag else stem
 
 
 def setup(args: argparse.Namespace) -> torch.device:

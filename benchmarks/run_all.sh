@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every benchmark once with its quick (CPU) defaults; results in benchmarks/results/ (or $OUT).
+# Every benchmark once with its quick (CPU) defaults; results in benchmarks/results/ (or $OUT), named
+# <benchmark>_<machine> (machine: cpu without CUDA, else the GPU, e.g. h100).
 # Usage, from anywhere:  bash benchmarks/run_all.sh [extra options passed to every script, e.g. --threads 2]
 # About 7-9 minutes on 2 shared CPU cores; bench_sampling is most of it (it trains a teacher and a GenDD student the
 # first time, then samples the 360 val images with every sampler, the 100-step reference with 5 samples being ~2 min).
@@ -21,4 +22,4 @@ run benchmarks/bench_cache_speedup.py
 run benchmarks/bench_storage.py
 run benchmarks/bench_sampling.py
 run benchmarks/bench_scaling.py
-echo "results: $OUT/{extract,cache_speedup,storage,sampling,scaling}.{json,md}"
+echo "results: $OUT/{extract,cache_speedup,storage,sampling,scaling}_<machine>.{json,md}"
