@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from benchlib import digits_shards, machine, make_parser, result_name, setup, timed, trained_teacher, write_results
 
-from pipeline.distill import DistillConfig, distill, load_student
+from pipeline.distill import DistillConfig, distill
 from pipeline.evaluate import SamplingConfig, predict, topk_accuracy
 from pipeline.extract import ExtractConfig, extract
 from pipeline.objectives import ObjectiveConfig
 from pipeline.shards import load_index, load_split
 from pipeline.store import open_cache
-from pipeline.train import TrainConfig
+from pipeline.train import TrainConfig, load_student
 
 NAME = "sampling"
 GRID = (("ddpm", 100), ("ddim", 25), ("ddim", 10), ("dpmsolver", 10), ("dpmsolver", 5))

@@ -22,7 +22,6 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from pipeline.config import DataOptions
 from pipeline.errors import GenddError
 from pipeline.shards import ShardIndex, load_index, load_split
 from pipeline.views import ViewPolicy, sample_views
@@ -311,29 +310,6 @@ def load_train_data(shards: str | Path, cache: str | Path | None, split: str = "
 def memory_input(shards: str | Path, cache: str | Path | None, split: str = "train") -> MemoryInput:
     """The memory mode of a split (chunked like its shards, so target statistics match the stream mode)."""
     return MemoryInput(load_train_data(shards, cache, split), load_index(shards).shard_size)
-
-
-def open_train_input(
-    shards: str | Path, cache: str | Path | None, options: DataOptions, device: torch.device, split: str = "train"
-) -> TrainInput:
-    """The training input of a split in the requested mode (`auto`: estimated, printed and chosen)."""
-    from pipeline.store import open_cache
-    from pipeline.stream import StreamInput
-
-    index = load_index(shards)
-    k = d = 0
-    c = int(index.spec["num_classes"])
-    if cache is not None:
-        store = open_cache(cache, split, spec_hash=index.spec_hash)
-        k, d, c = store.K, store.feature_dim, store.num_classes
-    mode, line = choose_mode(options.mode, footprint(index, split, k, d, c), device, split)
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
-        print(line, flush=True)
-    if mode == "memory":
-        return memory_input(shards, cache, split)
-    return StreamInput(shards, cache, split, options)
 
 
 def stream_workers(requested: int) -> int:

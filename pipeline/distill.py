@@ -10,19 +10,18 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from accelerate import PartialState
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from pipeline.config import POLICIES
-from pipeline.data import DataOptions, open_train_input, train_device
+from pipeline.config import POLICIES, DataOptions
+from pipeline.data import train_device
 from pipeline.errors import GenddError
 from pipeline.evaluate import val_probe_evaluator
-from pipeline.head import GenerativeHead, HeadConfig
 from pipeline.locations import check_readable
-from pipeline.models import ModelCard, feature_dim, load_model, save_model
+from pipeline.models import ModelCard, feature_dim, save_model
 from pipeline.outputs import atomic_path, check_writable, write_json, write_text
 from pipeline.shards import load_index
 from pipeline.store import open_cache
-from pipeline.train import Student, TrainConfig, train
+from pipeline.train import TrainConfig, open_train_input, train
 
 STANDALONE_LOADER = '''"""Rebuild the distilled student with timm alone (no gendd needed): python load_student.py"""
 import json, pathlib
@@ -168,14 +167,3 @@ def distill(cfg: DistillConfig) -> dict:
     write_text(cfg.out / "load_student.py", STANDALONE_LOADER)
     write_json(cfg.out / "train.json", {**summary, "history": history})
     return summary
-
-
-def load_student(out: str | Path) -> tuple[Student, dict]:
-    """The exported student with its generative head (if it has one), in eval mode."""
-    out = Path(out)
-    net, card = load_model(out, "student")
-    head = None
-    if card["extra"].get("head"):
-        head = GenerativeHead(HeadConfig(**card["extra"]["head"]))
-        head.load_state_dict(load_file(str(out / "head.safetensors")))
-    return Student(net, head, None).eval(), card

@@ -13,8 +13,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.config import SamplingConfig
-from pipeline.data import DataOptions
+from pipeline.config import DataOptions, SamplingConfig
 from pipeline.errors import GenddError, require
 from pipeline.models import features
 from pipeline.outputs import check_writable, save_figure, write_json
@@ -272,10 +271,10 @@ def run_evaluation(
     data: DataOptions | None = None,
 ) -> dict:
     """Evaluate an exported student on a split: both paths, the teacher's own accuracy, per-class; write JSON + plot."""
-    from pipeline.distill import load_student
     from pipeline.locations import check_readable
     from pipeline.shards import load_index
     from pipeline.store import open_cache
+    from pipeline.train import load_student
 
     require(batch_size >= 1, "batch_size", ">= 1", batch_size)
     for location in (shards, cache):

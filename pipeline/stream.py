@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data import DataOptions, EpochPlan, InputInfo, fresh_views, stats_chunks, stream_workers, view_plan
+from pipeline.config import DataOptions
+from pipeline.data import EpochPlan, InputInfo, fresh_views, stats_chunks, stream_workers, view_plan
 from pipeline.errors import GenddError
 from pipeline.shards import ShardSet, decode_shard, load_index, shard_count_error
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.data import DataOptions, open_train_input, train_device
+from pipeline.config import DataOptions
+from pipeline.data import train_device
 from pipeline.errors import GenddError
 from pipeline.evaluate import val_probe_evaluator
 from pipeline.locations import check_readable
@@ -28,7 +29,7 @@ from pipeline.models import (
 from pipeline.objectives import ObjectiveConfig
 from pipeline.outputs import check_writable
 from pipeline.shards import load_index
-from pipeline.train import Student, TrainConfig, train
+from pipeline.train import Student, TrainConfig, open_train_input, train
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.config import SUPERVISED, USES_HEAD, TrainConfig
-from pipeline.data import EpochPlan, InputInfo, MemoryInput, TrainData, TrainInput, make_accelerator
+from pipeline.config import SUPERVISED, USES_HEAD, DataOptions, TrainConfig
+from pipeline.data import (
+    EpochPlan,
+    InputInfo,
+    MemoryInput,
+    TrainData,
+    TrainInput,
+    choose_mode,
+    footprint,
+    make_accelerator,
+    memory_input,
+)
 from pipeline.errors import GenddError
 from pipeline.head import GenerativeHead, HeadConfig
-from pipeline.models import create_model, feature_dim, features
+from pipeline.models import create_model, feature_dim, features, load_model
 from pipeline.objectives import (
     ObjectiveConfig,
     class_log_prior,
@@ -27,6 +38,7 @@ from pipeline.objectives import (
     warmstart_loss,
 )
 from pipeline.outputs import atomic_path
+from pipeline.shards import load_index
 from pipeline.views import apply_views
 
 
@@ -67,6 +79,17 @@ class Student(nn.Module):
         )
 
 
+def load_student(out: str | Path) -> tuple[Student, dict]:
+    """The exported student with its generative head (if it has one), in eval mode."""
+    out = Path(out)
+    net, card = load_model(out, "student")
+    head = None
+    if card["extra"].get("head"):
+        head = GenerativeHead(HeadConfig(**card["extra"]["head"]))
+        head.load_state_dict(load_file(str(out / "head.safetensors")))
+    return Student(net, head, None).eval(), card
+
+
 def build_student(cfg: TrainConfig, info: InputInfo, input_size: int, stats: tuple | None = None) -> Student:
     """The student network with the modules its method needs (`stats`: the targets' mean/std, see target_stats)."""
     net = create_model(cfg.model, info.num_classes, info.channels, cfg.small_stem)
@@ -92,6 +115,29 @@ def build_student(cfg: TrainConfig, info: InputInfo, input_size: int, stats: tup
             proj = nn.Linear(d_s, info.feature_dim)  # stage 1: student feature -> teacher feature space -> its head
     log_prior = class_log_prior(info.labels, info.num_classes) if cfg.objective.logit_adjust else None
     return Student(net, head, proj, log_prior)
+
+
+def open_train_input(
+    shards: str | Path, cache: str | Path | None, options: DataOptions, device: torch.device, split: str = "train"
+) -> TrainInput:
+    """The training input of a split in the requested mode (`auto`: estimated, printed and chosen)."""
+    from accelerate import PartialState
+
+    from pipeline.store import open_cache
+    from pipeline.stream import StreamInput
+
+    index = load_index(shards)
+    k = d = 0
+    c = int(index.spec["num_classes"])
+    if cache is not None:
+        store = open_cache(cache, split, spec_hash=index.spec_hash)
+        k, d, c = store.K, store.feature_dim, store.num_classes
+    mode, line = choose_mode(options.mode, footprint(index, split, k, d, c), device, split)
+    if PartialState().is_main_process:
+        print(line, flush=True)
+    if mode == "memory":
+        return memory_input(shards, cache, split)
+    return StreamInput(shards, cache, split, options)
 
 
 def target_stats(cfg: TrainConfig, data: TrainInput) -> tuple[torch.Tensor, torch.Tensor]:

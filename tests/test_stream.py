@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import DataOptions, EpochPlan, memory_input, view_plan
+from pipeline.config import DataOptions
+from pipeline.data import EpochPlan, memory_input, view_plan
 from pipeline.errors import GenddError
 from pipeline.shards import ShardIndex, load_index, load_split
 from pipeline.store import CacheMeta, FeatureCacheWriter, open_cache
