@@ -133,7 +133,7 @@ def distill(cfg: DistillConfig) -> dict:
     student, history = train(cfg.train, data, work, size, evaluator, cfg.resume, origin, live)
     seconds = time.perf_counter() - started
     summary = {
-        "method": cfg.train.method,
+        "method": cfg.train.objective.method,
         "student": cfg.train.model,
         "epochs": len(history),
         "train_seconds": sum(r["seconds"] for r in history),
@@ -145,18 +145,18 @@ def distill(cfg: DistillConfig) -> dict:
     in_chans = info.channels
     head_cfg = asdict(student.head.config) if student.head is not None else None
     card = ModelCard(
-        cfg.train.model,
-        student.net.get_classifier().out_features,
-        in_chans,
-        cfg.train.small_stem,
-        size,
-        info.mean,
-        info.std,
-        feature_dim(student.net, in_chans, size),
+        name=cfg.train.model,
+        num_classes=student.net.get_classifier().out_features,
+        in_chans=in_chans,
+        small_stem=cfg.train.small_stem,
+        input_size=size,
+        mean=info.mean,
+        std=info.std,
+        feature_dim=feature_dim(student.net, in_chans, size),
         extra={
-            "method": cfg.train.method,
+            "method": cfg.train.objective.method,
             "head": head_cfg,
-            "probe": _probe_kind(cfg.train.method),
+            "probe": _probe_kind(cfg.train.objective.method),
             "provenance": origin,
         },
     )

@@ -178,7 +178,7 @@ def val_probe_evaluator(
         return None
     from pipeline.data import choose_mode, footprint
 
-    options = options or DataOptions("memory")
+    options = options or DataOptions(mode="memory")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mode, line = choose_mode(options.mode, footprint(index, "val", 0, 0, 0), device, "val")
     if options.mode == "auto":

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import Tensor, nn
 
-from pipeline.config import PREDICTIONS, SAMPLERS
+from pipeline.config import PREDICTIONS, SAMPLERS, HeadSettings
 from pipeline.errors import GenddError
 
 TIME_FREQ_DIM = 256
@@ -27,18 +27,18 @@ class HeadConfig:
 
     feature_dim: int  # D_T, the teacher feature size
     cond_dim: int  # D_S, the student feature size
-    # Defaults are TrainConfig's (head_token_dim, head_width, ...): the paper's head is width 1024, prediction epsilon.
-    token_dim: int = 64
-    width: int = 256
-    depth: int = 3
+    # Defaults are HeadSettings' (what `gendd distill` trains): the paper's head is width 1024, prediction epsilon.
+    token_dim: int = HeadSettings.token_dim
+    width: int = HeadSettings.width
+    depth: int = HeadSettings.depth
     num_train_steps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
-    diffusion_batch_mul: int = 2
-    cond_dropout: float = 0.2
+    diffusion_batch_mul: int = HeadSettings.diffusion_batch_mul
+    cond_dropout: float = HeadSettings.cond_dropout
     # What the denoiser predicts. epsilon (the paper) weights the clean-target error by SNR(t), ~0 at high noise where
     # only the condition can tell the target; v_prediction weights it by SNR(t) + 1 and sample (x0) by 1, so the
     # student's condition gets gradient there.
-    prediction: str = "v_prediction"
+    prediction: str = HeadSettings.prediction
 
     def __post_init__(self) -> None:
         for name in (

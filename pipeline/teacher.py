@@ -206,7 +206,7 @@ def make_teacher(cfg: TeacherConfig) -> dict:
         recorded = ckpt.card["small_stem"] if ckpt.card else None
         small, stem_why = resolve_small_stem(cfg.small_stem, name, size, ckpt.state, recorded, str(cfg.checkpoint))
     tcfg = replace(
-        cfg.train, method="ce", objective=ObjectiveConfig("ce"), warmstart_epochs=0, input_size=size, small_stem=small
+        cfg.train, objective=ObjectiveConfig(method="ce"), warmstart_epochs=0, input_size=size, small_stem=small
     )
     net = None
     extra: dict = {"stem_choice": stem_why}
@@ -233,14 +233,14 @@ def make_teacher(cfg: TeacherConfig) -> dict:
         return {}
     top1 = evaluator(student)["val_probe_top1"] if evaluator else None
     card = ModelCard(
-        name,
-        spec["num_classes"],
-        spec["channels"],
-        small,
-        size,
-        mean,
-        std,
-        feature_dim(student.net, spec["channels"], size),
+        name=name,
+        num_classes=spec["num_classes"],
+        in_chans=spec["channels"],
+        small_stem=small,
+        input_size=size,
+        mean=mean,
+        std=std,
+        feature_dim=feature_dim(student.net, spec["channels"], size),
         extra={"val_top1": top1, "spec_hash": index.spec_hash, "history": history, **extra},
     )
     save_model(student.net, card, cfg.out, "teacher")

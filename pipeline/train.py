@@ -95,21 +95,23 @@ def build_student(cfg: TrainConfig, info: InputInfo, input_size: int, stats: tup
     net = create_model(cfg.model, info.num_classes, info.channels, cfg.small_stem)
     d_s = feature_dim(net, info.channels, input_size)
     head = proj = None
-    if cfg.method in USES_HEAD:
+    method = cfg.objective.method
+    if method in USES_HEAD:
         if info.feature_dim is None:
-            raise GenddError(f"method {cfg.method} (or a warm start) needs a teacher feature cache: pass --cache")
+            raise GenddError(f"method {method} (or a warm start) needs a teacher feature cache: pass --cache")
+        settings = cfg.head
         head_cfg = HeadConfig(
-            info.feature_dim,
-            d_s,
-            cfg.head_token_dim,
-            cfg.head_width,
-            cfg.head_depth,
-            diffusion_batch_mul=cfg.diffusion_batch_mul,
-            cond_dropout=cfg.cond_dropout,
-            prediction=cfg.head_prediction,
+            feature_dim=info.feature_dim,
+            cond_dim=d_s,
+            token_dim=settings.token_dim,
+            width=settings.width,
+            depth=settings.depth,
+            diffusion_batch_mul=settings.diffusion_batch_mul,
+            cond_dropout=settings.cond_dropout,
+            prediction=settings.prediction,
         )
         head = GenerativeHead(head_cfg)
-        if cfg.target_norm and stats is not None:
+        if settings.target_norm and stats is not None:
             head.set_target_stats(*stats)
         if cfg.warmstart_epochs:
             proj = nn.Linear(d_s, info.feature_dim)  # stage 1: student feature -> teacher feature space -> its head
@@ -145,7 +147,7 @@ def target_stats(cfg: TrainConfig, data: TrainInput) -> tuple[torch.Tensor, torc
     `feature_chunks` yields (all of them for small caches), accumulated in float64 one chunk at a time."""
     total = sq = None
     rows = 0
-    uses_labels = cfg.objective.contraction > 0 and cfg.method in SUPERVISED
+    uses_labels = cfg.objective.contraction > 0 and cfg.objective.method in SUPERVISED
     for feats, labels in data.feature_chunks():
         n, k, d = feats.shape
         y = torch.from_numpy(labels).long().repeat_interleave(k) if uses_labels else None
@@ -164,12 +166,13 @@ def target_stats(cfg: TrainConfig, data: TrainInput) -> tuple[torch.Tensor, torc
 
 def check_data_serves(cfg: TrainConfig, info: InputInfo) -> None:
     """Refuse, in one line, a data/cache combination the method cannot use."""
-    if cfg.method in SUPERVISED and not info.labeled:
-        raise GenddError(f"method {cfg.method} needs labels but the data has none; use kl or gendd_unsup")
-    if cfg.method != "ce" and info.feature_dim is None:
-        raise GenddError(f"method {cfg.method} needs the teacher feature cache: pass --cache (run gendd extract)")
-    if cfg.objective.logit_adjust and cfg.method not in SUPERVISED:
-        raise GenddError(f"logit_adjust shifts the label cross-entropy, which {cfg.method} has none of; set it to 0")
+    method = cfg.objective.method
+    if method in SUPERVISED and not info.labeled:
+        raise GenddError(f"method {method} needs labels but the data has none; use kl or gendd_unsup")
+    if method != "ce" and info.feature_dim is None:
+        raise GenddError(f"method {method} needs the teacher feature cache: pass --cache (run gendd extract)")
+    if cfg.objective.logit_adjust and method not in SUPERVISED:
+        raise GenddError(f"logit_adjust shifts the label cross-entropy, which {method} has none of; set it to 0")
 
 
 def param_groups(model: Student, weight_decay: float, head_lr_mult: float = 1.0) -> list[dict]:
@@ -263,9 +266,9 @@ def _start_run(cfg: TrainConfig, data: TrainInput, input_size: int, ckpt_path: P
     plan = EpochPlan(cfg.seed, 0, cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.policy)
     data.start(plan, accelerator.device)
     torch.manual_seed(cfg.seed)
-    stats = target_stats(cfg, data) if cfg.method in USES_HEAD and cfg.target_norm else None
+    stats = target_stats(cfg, data) if cfg.objective.method in USES_HEAD and cfg.head.target_norm else None
     model = build_student(cfg, data.info, input_size, stats)
-    groups = param_groups(model, cfg.weight_decay, cfg.head_lr_mult)
+    groups = param_groups(model, cfg.weight_decay, cfg.head.lr_mult)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2_start))
     state = _load_checkpoint(ckpt_path, cfg, resume, provenance)
     start, history = 0, []
@@ -281,7 +284,7 @@ def _start_run(cfg: TrainConfig, data: TrainInput, input_size: int, ckpt_path: P
     epoch_steps = [data.steps_per_epoch(cfg.seed, e, cfg.batch_size, world) for e in range(cfg.epochs)]
     warmup = max(1, int(cfg.warmup_epochs * epoch_steps[0]))
     data.place(accelerator.device)
-    use_labels = cfg.method in SUPERVISED and data.info.labeled
+    use_labels = cfg.objective.method in SUPERVISED and data.info.labeled
     run = _Run(accelerator, model, optimizer, data, epoch_steps, warmup, has_proj, use_labels)
     return run, start, history
 
@@ -333,7 +336,7 @@ def _train_epoch(run: _Run, cfg: TrainConfig, epoch: int, input_size: int) -> di
     steps = images = 0
     lr = cfg.lr
     started = time.perf_counter()
-    desc = f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}"
+    desc = f"{cfg.objective.method} epoch {epoch + 1}/{cfg.epochs}"
     bar = tqdm(total=run.epoch_steps[epoch], desc=desc, leave=False, disable=not acc.is_local_main_process)
     with _join(run):
         for batch in run.data.batches(plan):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from pipeline.config import TUNED_LR, DataOptions, ObjectiveConfig, TrainConfig, ViewPolicy
+from pipeline.config import TUNED_LR, DataOptions, HeadSettings, ObjectiveConfig, TrainConfig, ViewPolicy
 from stages.options import (
     BUFFER_HELP,
     DATA_HELP,
@@ -22,7 +22,7 @@ from stages.options import (
     use_cpu,
 )
 
-T, OBJ, D = TrainConfig, ObjectiveConfig, DataOptions
+T, OBJ, H, D = TrainConfig, ObjectiveConfig, HeadSettings, DataOptions
 LR_HELP = (
     "Peak learning rate (default: the method's tuned one, "
     + ", ".join(f"{m} {lr:g}" for m, lr in TUNED_LR.items())
@@ -39,7 +39,7 @@ def command(
     ),
     student: str = typer.Option(default(T, "model"), help="timm model name of the student."),
     small_stem: bool = typer.Option(default(T, "small_stem"), help="3x3 stride-1 stem, no max-pool (small images)."),
-    method: Method = typer.Option(default(T, "method"), help="Distillation method (README: what each one trains)."),
+    method: Method = typer.Option(default(OBJ, "method"), help="Distillation method (README: what each one trains)."),
     epochs: int = typer.Option(default(T, "epochs"), help="Training epochs (a larger value continues a finished run)."),
     batch_size: int = typer.Option(default(T, "batch_size"), help="Samples per optimiser step (all processes)."),
     lr: float | None = typer.Option(default(T, "lr"), help=LR_HELP),
@@ -56,21 +56,21 @@ def command(
         default(OBJ, "logit_adjust"),
         help="Long-tailed data: the label CE (ce, kd, GenDD's probe) sees logits + tau*log(class prior); 0 = off.",
     ),
-    token_dim: int = typer.Option(default(T, "head_token_dim"), help="Split Tokenization: teacher dims per token."),
-    head_width: int = typer.Option(default(T, "head_width"), help="Width of the diffusion head's MLP (paper: 1024)."),
-    head_depth: int = typer.Option(default(T, "head_depth"), help="Residual blocks of the diffusion head."),
+    token_dim: int = typer.Option(default(H, "token_dim"), help="Split Tokenization: teacher dims per token."),
+    head_width: int = typer.Option(default(H, "width"), help="Width of the diffusion head's MLP (paper: 1024)."),
+    head_depth: int = typer.Option(default(H, "depth"), help="Residual blocks of the diffusion head."),
     diffusion_batch_mul: int = typer.Option(
-        default(T, "diffusion_batch_mul"), help="Noise draws per (sample, token) row (paper: 10)."
+        default(H, "diffusion_batch_mul"), help="Noise draws per (sample, token) row (paper: 10)."
     ),
-    cond_dropout: float = typer.Option(default(T, "cond_dropout"), help="Condition dropout (for guidance)."),
+    cond_dropout: float = typer.Option(default(H, "cond_dropout"), help="Condition dropout (for guidance)."),
     head_lr_mult: float = typer.Option(
-        default(T, "head_lr_mult"), help="Head and probe lr over the backbone lr (1 = paper's single lr)."
+        default(H, "lr_mult"), help="Head and probe lr over the backbone lr (1 = paper's single lr)."
     ),
     target_norm: bool = typer.Option(
-        default(T, "target_norm"), help="Standardise diffusion targets per dimension (off = paper's raw)."
+        default(H, "target_norm"), help="Standardise diffusion targets per dimension (off = paper's raw)."
     ),
     head_prediction: Prediction = typer.Option(
-        default(T, "head_prediction"), help="What the head predicts: v_prediction, epsilon (paper) or sample (x0)."
+        default(H, "prediction"), help="What the head predicts: v_prediction, epsilon (paper) or sample (x0)."
     ),
     input_size: int | None = typer.Option(None, help="Student input size (default: the teacher's)."),
     policy: Policy = typer.Option(default(T, "policy").kind, help=POLICY_HELP + " Used without a cache (ce)."),
@@ -85,11 +85,27 @@ def command(
     """Distil a student; checkpoints every epoch and resumes automatically."""
     from pipeline.distill import DistillConfig, distill
 
-    objective = ObjectiveConfig(method, contraction, mixup_beta, kd_alpha, kd_tau, logit_adjust)
+    objective = ObjectiveConfig(
+        method=method,
+        contraction=contraction,
+        mixup_beta=mixup_beta,
+        kd_alpha=kd_alpha,
+        kd_tau=kd_tau,
+        logit_adjust=logit_adjust,
+    )
+    head = HeadSettings(
+        token_dim=token_dim,
+        width=head_width,
+        depth=head_depth,
+        diffusion_batch_mul=diffusion_batch_mul,
+        cond_dropout=cond_dropout,
+        prediction=head_prediction,
+        lr_mult=head_lr_mult,
+        target_norm=target_norm,
+    )
     train = TrainConfig(
         model=student,
         small_stem=small_stem,
-        method=method,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
@@ -97,22 +113,18 @@ def command(
         warmup_epochs=warmup_epochs,
         warmstart_epochs=warmstart_epochs,
         objective=objective,
-        head_token_dim=token_dim,
-        head_width=head_width,
-        head_depth=head_depth,
-        diffusion_batch_mul=diffusion_batch_mul,
-        cond_dropout=cond_dropout,
-        head_lr_mult=head_lr_mult,
-        target_norm=target_norm,
-        head_prediction=head_prediction,
+        head=head,
         input_size=input_size,
         policy=ViewPolicy(kind=policy),
         seed=seed,
         mixed_precision=mixed_precision,
         cpu=use_cpu(device),
     )
-    options = DataOptions(data, workers, shuffle_buffer)
-    summary = distill(DistillConfig(shards, cache, out, train, resume, options, work_dir=work_dir))
+    options = DataOptions(mode=data, workers=workers, shuffle_buffer=shuffle_buffer)
+    config = DistillConfig(
+        shards=shards, cache=cache, out=out, train=train, resume=resume, data=options, work_dir=work_dir
+    )
+    summary = distill(config)
     final = summary["final"]
     top1 = final.get("val_probe_top1")
     typer.echo(

@@ -33,8 +33,10 @@ def command(
     from pipeline.evaluate import run_evaluation
     from stages.options import use_cpu
 
-    sampling = None if fast else SamplingConfig(sampler, steps, cfg_scale, n_samples, seed)
-    options = DataOptions(data, workers)
+    sampling = None
+    if not fast:
+        sampling = SamplingConfig(sampler=sampler, steps=steps, cfg_scale=cfg_scale, n_samples=n_samples, seed=seed)
+    options = DataOptions(mode=data, workers=workers)
     where = "cpu" if use_cpu(device) else (None if device == "auto" else "cuda")
     m = run_evaluation(
         shards, cache, student_dir, out, sampling, split=split, batch_size=batch_size, device=where, data=options

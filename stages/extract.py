@@ -35,20 +35,20 @@ def command(
     from stages.options import use_cpu
 
     cfg = ExtractConfig(
-        shards,
-        teacher,
-        out,
-        tuple(s.strip() for s in splits.split(",") if s.strip()),
-        views,
-        eval_views,
-        ViewPolicy(kind=policy),
-        seed,
-        batch_size,
-        codec,
-        format,
-        mixed_precision,
-        use_cpu(device),
-        workers,
+        shards=shards,
+        teacher=teacher,
+        out=out,
+        splits=tuple(s.strip() for s in splits.split(",") if s.strip()),
+        num_views=views,
+        eval_views=eval_views,
+        policy=ViewPolicy(kind=policy),
+        seed=seed,
+        batch_size=batch_size,
+        codec=codec,
+        fmt=format,
+        mixed_precision=mixed_precision,
+        cpu=use_cpu(device),
+        workers=workers,
     )
     for r in extract(cfg):
         state = {True: "complete", False: "incomplete", None: "written"}[r["complete"]]

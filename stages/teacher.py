@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.config import DataOptions, TrainConfig, ViewPolicy
+from pipeline.config import DataOptions, ObjectiveConfig, TrainConfig, ViewPolicy
 from stages.options import (
     BUFFER_HELP,
     DATA_HELP,
@@ -54,7 +54,7 @@ def command(
 
     train = TrainConfig(
         model=model,
-        method="ce",
+        objective=ObjectiveConfig(method="ce"),
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
@@ -64,8 +64,16 @@ def command(
         mixed_precision=mixed_precision,
         cpu=use_cpu(device),
     )
-    options = DataOptions(data, workers, shuffle_buffer)
-    config = TeacherConfig(shards, out, train, checkpoint, pretrained, options, small_stem, work_dir)
+    config = TeacherConfig(
+        shards=shards,
+        out=out,
+        train=train,
+        checkpoint=checkpoint,
+        pretrained=pretrained,
+        data=DataOptions(mode=data, workers=workers, shuffle_buffer=shuffle_buffer),
+        small_stem=small_stem,
+        work_dir=work_dir,
+    )
     card = make_teacher(config)
     if not card:  # a non-main process under `accelerate launch`
         return

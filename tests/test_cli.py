@@ -58,8 +58,8 @@ def test_every_distill_option_reaches_the_training_config(monkeypatch, tmp_path:
     result = CliRunner().invoke(app, ["distill", *args])
     assert result.exit_code == 0, result.output
     cfg = seen["train"]
-    assert (cfg.head_lr_mult, cfg.target_norm, cfg.head_prediction) == (1.0, False, "sample")
-    assert (cfg.diffusion_batch_mul, cfg.head_width, cfg.head_token_dim, cfg.cond_dropout) == (7, 96, 32, 0.1)
+    assert (cfg.head.lr_mult, cfg.head.target_norm, cfg.head.prediction) == (1.0, False, "sample")
+    assert (cfg.head.diffusion_batch_mul, cfg.head.width, cfg.head.token_dim, cfg.head.cond_dropout) == (7, 96, 32, 0.1)
     assert (cfg.warmstart_epochs, cfg.objective.contraction, cfg.objective.mixup_beta) == (2, 0.5, 0.0)
     assert cfg.objective.logit_adjust == 1.5
 

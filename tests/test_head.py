@@ -189,8 +189,9 @@ def test_prediction_targets_differ_and_unknown_is_refused() -> None:
     losses = []
     for prediction in ("epsilon", "v_prediction", "sample"):
         torch.manual_seed(0)
-        head = GenerativeHead(HeadConfig(8, 4, 4, 128, 2, prediction=prediction))  # zero map: loss = E[target^2]
+        cfg = HeadConfig(feature_dim=8, cond_dim=4, token_dim=4, width=128, depth=2, prediction=prediction)
+        head = GenerativeHead(cfg)  # zero map: loss = E[target^2]
         losses.append(head(y, z, generator=_gen(1)).item())
     assert len({round(v, 6) for v in losses}) == 3
     with pytest.raises(GenddError, match="v_prediction"):
-        HeadConfig(8, 4, 4, prediction="x")
+        HeadConfig(feature_dim=8, cond_dim=4, token_dim=4, prediction="x")

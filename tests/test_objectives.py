@@ -94,16 +94,20 @@ def test_warmstart_trains_the_projection_but_not_the_teacher_classifier() -> Non
 
 
 def test_unsupervised_config_forces_zero_contraction_and_methods_are_validated() -> None:
-    assert ObjectiveConfig("gendd_unsup").contraction == 0.0
-    assert ObjectiveConfig("gendd").contraction == 0.9
+    assert ObjectiveConfig(method="gendd_unsup").contraction == 0.0
+    assert ObjectiveConfig(method="gendd").contraction == 0.9
     with pytest.raises(GenddError, match="ce, kd, kl, gendd, gendd_unsup"):
-        ObjectiveConfig("mse")
+        ObjectiveConfig(method="mse")
 
 
 def _models(method: str) -> tuple[nn.Module, nn.Module, GenerativeHead | None]:
     torch.manual_seed(0)
     backbone, classifier = nn.Linear(D_IN, D_S), nn.Linear(D_S, C)
-    head = GenerativeHead(HeadConfig(D_T, D_S, token_dim=4, width=64, depth=2)) if method in USES_HEAD else None
+    head = (
+        GenerativeHead(HeadConfig(feature_dim=D_T, cond_dim=D_S, token_dim=4, width=64, depth=2))
+        if method in USES_HEAD
+        else None
+    )
     return backbone, classifier, head
 
 
@@ -126,7 +130,7 @@ def _objective(
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_trains_on_a_tiny_batch(method: str) -> None:
     backbone, classifier, head = _models(method)
-    cfg, data = ObjectiveConfig(method), _teacher()
+    cfg, data = ObjectiveConfig(method=method), _teacher()
     params = [*backbone.parameters(), *classifier.parameters(), *(head.parameters() if head else [])]
     opt = torch.optim.Adam(params, lr=5e-3)
     start_weight = backbone.weight.detach().clone()
@@ -158,7 +162,7 @@ class _ProbeOnlyHead(nn.Module):
 
 def test_gendd_probe_sends_no_gradient_into_the_backbone() -> None:
     backbone, classifier, _ = _models("ce")
-    loss, logs = _objective(ObjectiveConfig("gendd"), backbone, classifier, _ProbeOnlyHead(), _teacher())
+    loss, logs = _objective(ObjectiveConfig(method="gendd"), backbone, classifier, _ProbeOnlyHead(), _teacher())
     assert logs["diffusion"] == 0.0 and logs["probe_ce"] > 0
     loss.backward()
     assert classifier.weight.grad is not None and classifier.weight.grad.abs().sum() > 0
@@ -168,7 +172,7 @@ def test_gendd_probe_sends_no_gradient_into_the_backbone() -> None:
 def test_gendd_unsup_is_the_diffusion_loss_alone() -> None:
     backbone, classifier, head = _models("gendd_unsup")
     data = {**_teacher(), "labels": None, "centres": None, "teacher_logits": None}
-    loss, logs = _objective(ObjectiveConfig("gendd_unsup"), backbone, classifier, head, data, seed=0)
+    loss, logs = _objective(ObjectiveConfig(method="gendd_unsup"), backbone, classifier, head, data, seed=0)
     assert set(logs) == {"loss", "diffusion"}
     loss.backward()
     assert classifier.weight.grad is None
@@ -178,7 +182,7 @@ def test_gendd_unsup_probe_learns_the_teacher_softmax_without_touching_the_backb
     """With teacher logits, a label-free probe (KL) trains the classifier; the backbone still sees only diffusion."""
     backbone, classifier, _ = _models("ce")
     data = {**_teacher(), "labels": None, "centres": None}
-    loss, logs = _objective(ObjectiveConfig("gendd_unsup"), backbone, classifier, _ProbeOnlyHead(), data)
+    loss, logs = _objective(ObjectiveConfig(method="gendd_unsup"), backbone, classifier, _ProbeOnlyHead(), data)
     assert logs["diffusion"] == 0.0 and logs["probe_kl"] > 0
     loss.backward()
     assert classifier.weight.grad is not None and classifier.weight.grad.abs().sum() > 0
@@ -201,13 +205,13 @@ def test_missing_inputs_raise_one_clear_error(method: str, drop: str, message: s
     backbone, classifier, head = _models(method)
     data = {**_teacher(), drop: None}
     with pytest.raises(GenddError, match=message):
-        _objective(ObjectiveConfig(method), backbone, classifier, head, data)
+        _objective(ObjectiveConfig(method=method), backbone, classifier, head, data)
 
 
 def test_gendd_without_a_head_raises() -> None:
     backbone, classifier, _ = _models("ce")
     with pytest.raises(GenddError, match="head was not given"):
-        _objective(ObjectiveConfig("gendd"), backbone, classifier, None, _teacher())
+        _objective(ObjectiveConfig(method="gendd"), backbone, classifier, None, _teacher())
 
 
 def test_logit_adjustment_shifts_the_label_ce_by_the_log_prior() -> None:
@@ -221,12 +225,12 @@ def test_logit_adjustment_shifts_the_label_ce_by_the_log_prior() -> None:
     shifted = F.cross_entropy(classifier(feats) + 2.0 * log_prior, data["labels"])
     common = {"feats": feats, "classifier": classifier, "head": None, "teacher_features": None, "centres": None}
     common |= {"teacher_logits": data["teacher_logits"], "labels": data["labels"], "log_prior": log_prior}
-    loss, _ = compute_objective(ObjectiveConfig("ce", logit_adjust=2.0), **common)
+    loss, _ = compute_objective(ObjectiveConfig(method="ce", logit_adjust=2.0), **common)
     assert torch.allclose(loss, shifted) and not torch.allclose(loss, plain)
-    loss, logs = compute_objective(ObjectiveConfig("kd", logit_adjust=2.0), **common)
+    loss, logs = compute_objective(ObjectiveConfig(method="kd", logit_adjust=2.0), **common)
     assert torch.allclose(logs["ce"], shifted)
-    assert torch.allclose(compute_objective(ObjectiveConfig("ce"), **common)[0], plain)
+    assert torch.allclose(compute_objective(ObjectiveConfig(method="ce"), **common)[0], plain)
     with pytest.raises(GenddError, match="class prior"):
-        compute_objective(ObjectiveConfig("ce", logit_adjust=2.0), **{**common, "log_prior": None})
+        compute_objective(ObjectiveConfig(method="ce", logit_adjust=2.0), **{**common, "log_prior": None})
     with pytest.raises(GenddError, match="logit_adjust"):
-        ObjectiveConfig("ce", logit_adjust=-1.0)
+        ObjectiveConfig(method="ce", logit_adjust=-1.0)

@@ -93,7 +93,7 @@ def check_pairing(batches: list[dict], shards: ShardIndex, seed: int, ep: int) -
 def test_two_ranks_two_workers_visit_every_sample_once(cached: tuple[ShardIndex, Path]) -> None:
     shards, cache = cached
     n = shards.split("train").n
-    source = StreamInput(shards.root, cache, "train", DataOptions("stream", workers=2, shuffle_buffer=16))
+    source = StreamInput(shards.root, cache, "train", DataOptions(mode="stream", workers=2, shuffle_buffer=16))
     seen: Counter = Counter()
     steps = []
     for rank in range(2):
@@ -107,7 +107,7 @@ def test_two_ranks_two_workers_visit_every_sample_once(cached: tuple[ShardIndex,
 
 def test_same_seed_same_batches_other_epoch_other_order(cached: tuple[ShardIndex, Path]) -> None:
     shards, cache = cached
-    source = StreamInput(shards.root, cache, "train", DataOptions("stream", workers=2, shuffle_buffer=32))
+    source = StreamInput(shards.root, cache, "train", DataOptions(mode="stream", workers=2, shuffle_buffer=32))
     first, again = epoch(source, EpochPlan(3, 0, 16)), epoch(source, EpochPlan(3, 0, 16))
     assert len(first) == len(again) == source.steps_per_epoch(3, 0, 16, 1)
     assert all(torch.equal(a[k], b[k]) for a, b in zip(first, again, strict=True) for k in a)
@@ -118,14 +118,14 @@ def test_same_seed_same_batches_other_epoch_other_order(cached: tuple[ShardIndex
 
 def test_shuffle_buffer_mixes_shards(cached: tuple[ShardIndex, Path]) -> None:
     shards, cache = cached
-    source = StreamInput(shards.root, cache, "train", DataOptions("stream", workers=0, shuffle_buffer=128))
+    source = StreamInput(shards.root, cache, "train", DataOptions(mode="stream", workers=0, shuffle_buffer=128))
     first = epoch(source, EpochPlan(0, 0, 32))[0]["index"] // shards.shard_size
     assert len(set(first.tolist())) > 1  # one batch draws from several shards
 
 
 def test_webdataset_cache_streams_the_same_pairs(digits_shards: ShardIndex, tmp_path: Path) -> None:
     cache = build_cache(digits_shards, tmp_path / "wds", fmt="webdataset")
-    source = StreamInput(digits_shards.root, cache, "train", DataOptions("stream", workers=1))
+    source = StreamInput(digits_shards.root, cache, "train", DataOptions(mode="stream", workers=1))
     check_pairing(epoch(source, EpochPlan(0, 2, 16)), digits_shards, 0, 2)
 
 
@@ -133,7 +133,10 @@ def test_memory_and_stream_train_on_the_same_views(cached: tuple[ShardIndex, Pat
     shards, cache = cached
     plan = EpochPlan(5, 2, 16)
     pairs, chunks = [], []
-    for source in (memory_input(shards.root, cache), StreamInput(shards.root, cache, "train", DataOptions("stream"))):
+    for source in (
+        memory_input(shards.root, cache),
+        StreamInput(shards.root, cache, "train", DataOptions(mode="stream")),
+    ):
         rows = [torch.cat([b[k] for b in source.batches(plan)]).tolist() for k in ("index", "view")]
         pairs.append(sorted(zip(*rows, strict=True)))
         chunks.append(list(source.feature_chunks()))  # target statistics read the same values in both modes
@@ -156,13 +159,13 @@ def test_truncated_shard_and_mismatched_cache_are_one_line_errors(cached: tuple[
     record["splits"]["train"]["counts"][1] += 5  # the shard holds fewer samples than the index says
     (copy / "index.json").write_text(json.dumps(record))
     with pytest.raises(GenddError, match=r"train-000001\.tar: 64 samples, index\.json says 69") as info:
-        epoch(StreamInput(copy, None, "train", DataOptions("stream", workers=1)), EpochPlan(0, 0, 16))
+        epoch(StreamInput(copy, None, "train", DataOptions(mode="stream", workers=1)), EpochPlan(0, 0, 16))
     assert "\n" not in str(info.value)
     other = tmp_path / "other"  # a cache of the val split's samples, renamed as train: other keys
     build_cache(shards, other, split="val")
     (other / "val.zarr").rename(other / "train.zarr")
     with pytest.raises(GenddError) as info:
-        StreamInput(shards.root, other, "train", DataOptions("stream"))
+        StreamInput(shards.root, other, "train", DataOptions(mode="stream"))
     assert "\n" not in str(info.value) and ("does not match" in str(info.value) or "built for" in str(info.value))
 
 
@@ -209,24 +212,21 @@ def test_unsupported_url_refused_in_one_line_with_nothing_written(tmp_path: Path
 
 def test_streamed_training_resumes_to_the_same_weights(cached: tuple[ShardIndex, Path], tmp_path: Path, monkeypatch):
     import pipeline.train as train_module
-    from pipeline.objectives import ObjectiveConfig
+    from pipeline.config import HeadSettings, ObjectiveConfig
     from pipeline.train import TrainConfig, train
 
     shards, cache = cached
     cfg = TrainConfig(
         model="test_resnet",
-        objective=ObjectiveConfig("gendd"),
+        objective=ObjectiveConfig(method="gendd"),
         epochs=3,
         batch_size=32,
-        head_token_dim=4,
-        head_width=32,
-        head_depth=1,
-        diffusion_batch_mul=1,
+        head=HeadSettings(token_dim=4, width=32, depth=1, diffusion_batch_mul=1),
         cpu=True,
     )
 
     def source() -> StreamInput:
-        return StreamInput(shards.root, cache, "train", DataOptions("stream", workers=1, shuffle_buffer=64))
+        return StreamInput(shards.root, cache, "train", DataOptions(mode="stream", workers=1, shuffle_buffer=64))
 
     whole, whole_history = train(cfg, source(), tmp_path / "whole", 8)
     assert [h["samples"] for h in whole_history] == [shards.split("train").n] * 3  # every sample, every epoch
@@ -275,7 +275,7 @@ def test_auto_holds_in_memory_only_what_fits_comfortably(monkeypatch: pytest.Mon
     monkeypatch.setattr(data_module, "available_host_bytes", lambda: 2000 * 2**20)
     assert choose_mode("auto", sizes, cpu, "train")[0] == "memory"
     with pytest.raises(GenddError, match="choose one of auto, memory, stream"):
-        DataOptions("disk")
+        DataOptions(mode="disk")
 
 
 def test_footprint_counts_images_and_float16_targets(digits_shards: ShardIndex) -> None:

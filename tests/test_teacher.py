@@ -213,7 +213,13 @@ def test_explicit_stem_contradicting_the_checkpoint_is_refused(digits_shards: Sh
     with pytest.raises(GenddError, match="records small_stem=true"):
         resolve_small_stem(False, "test_resnet", 8, _small("test_resnet").state_dict(), recorded=True)
     ckpt = _save(_stock("resnet18"), tmp_path / "stock.safetensors")
-    cfg = TeacherConfig(digits_shards.root, tmp_path / "t", TrainConfig(model="resnet18"), ckpt, small_stem=True)
+    cfg = TeacherConfig(
+        shards=digits_shards.root,
+        out=tmp_path / "t",
+        train=TrainConfig(model="resnet18"),
+        checkpoint=ckpt,
+        small_stem=True,
+    )
     with pytest.raises(GenddError, match=r"stock stem .* or pass --no-small-stem$"):
         make_teacher(cfg)
     assert not (tmp_path / "t" / "teacher.json").exists()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.config import HeadSettings
 from pipeline.data import EpochPlan, MemoryInput, TrainData, view_plan
 from pipeline.errors import GenddError
 from pipeline.objectives import ObjectiveConfig
@@ -36,14 +37,10 @@ def _info(data: TrainData):
 
 TINY = TrainConfig(
     model="test_resnet",
-    method="gendd",
-    objective=ObjectiveConfig("gendd"),
+    objective=ObjectiveConfig(method="gendd"),
     epochs=3,
     batch_size=16,
-    head_token_dim=16,
-    head_width=32,
-    head_depth=1,
-    diffusion_batch_mul=2,
+    head=HeadSettings(token_dim=16, width=32, depth=1, diffusion_batch_mul=2),
     warmstart_epochs=1,
     cpu=True,
 )
@@ -99,8 +96,8 @@ def test_view_plan_is_stateless_and_uses_every_view() -> None:
 def test_refusals_are_one_line() -> None:
     cases = [
         (TINY, _data(labeled=False), "needs labels"),
-        (replace(TINY, method="kd", objective=ObjectiveConfig("kd")), _data(cached=False), "cache"),
-        (replace(TINY, method="kl", objective=ObjectiveConfig("kl", logit_adjust=1.0)), _data(), "logit_adjust"),
+        (replace(TINY, objective=ObjectiveConfig(method="kd")), _data(cached=False), "cache"),
+        (replace(TINY, objective=ObjectiveConfig(method="kl", logit_adjust=1.0)), _data(), "logit_adjust"),
     ]
     for cfg, data, words in cases:
         with pytest.raises(GenddError, match=words) as info:
@@ -151,7 +148,7 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path: Path) -> None:
 def test_logit_adjustment_gives_the_student_the_training_class_prior() -> None:
     data = _data()
     data.labels = torch.tensor([0] * 30 + [1] * 12 + [2] * 6)
-    adjusted = build_student(replace(TINY, objective=ObjectiveConfig("gendd", logit_adjust=1.0)), _info(data), 8)
+    adjusted = build_student(replace(TINY, objective=ObjectiveConfig(method="gendd", logit_adjust=1.0)), _info(data), 8)
     assert torch.allclose(adjusted.log_prior.exp(), torch.tensor([30.0, 12.0, 6.0]) / 48)
     assert "log_prior" in adjusted.state_dict()  # resumes with the same prior
     plain = build_student(TINY, _info(data), 8)
@@ -170,14 +167,14 @@ def test_unsupervised_methods_never_see_labels_even_in_the_warm_start(tmp_path: 
         return out
 
     monkeypatch.setattr(train_module, "batch_targets", spy)
-    cfg = replace(TINY, method="gendd_unsup", objective=ObjectiveConfig("gendd_unsup", contraction=0.0), epochs=2)
+    cfg = replace(TINY, objective=ObjectiveConfig(method="gendd_unsup", contraction=0.0), epochs=2)
     train(cfg, _data(), tmp_path, 8)  # labelled data, warm start on: the warm start matches teacher logits instead
     assert seen and not any(seen)
 
 
 @pytest.mark.parametrize("labels", ["shuffled", "absent"])
 def test_unsupervised_warm_start_trains_the_same_weights_whatever_the_labels(tmp_path: Path, labels: str) -> None:
-    cfg = replace(TINY, method="gendd_unsup", objective=ObjectiveConfig("gendd_unsup"), epochs=2)
+    cfg = replace(TINY, objective=ObjectiveConfig(method="gendd_unsup"), epochs=2)
     reference, _ = train(cfg, _data(), tmp_path / "reference", 8)
     other = _data()  # the same images, features and teacher logits; only the labels differ
     gen = torch.Generator().manual_seed(1)
