@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint
+.PHONY: setup run test test-fast lint
 
 # torch/torchvision are pinned to the builds that pip installs offline from this machine kind's wheel cache.
 $(STAMP): pyproject.toml
@@ -22,5 +22,10 @@ run: setup
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
+# Every test, the end-to-end runs marked slow included (what CI runs).
 test: lint
 	$(BIN)/pytest -q
+
+# The inner loop: everything but the tests marked slow.
+test-fast: lint
+	$(BIN)/pytest -q -m 'not slow'

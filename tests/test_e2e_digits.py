@@ -15,6 +15,8 @@ from .conftest import DIGITS_SPEC
 METHODS = ("ce", "kd", "kl", "gendd", "gendd_unsup")
 HEAD = ["--token-dim", "32", "--head-width", "256", "--diffusion-batch-mul", "2"]
 
+pytestmark = pytest.mark.slow  # the whole pipeline, every method: minutes on 2 cores
+
 
 def gendd(*args: str) -> str:
     result = subprocess.run([sys.executable, "-m", "stages.app", *args], capture_output=True, text=True, timeout=900)

@@ -92,6 +92,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_repro_runs_end_to_end_and_reports(project: Path) -> None:
     out = _run(project, sys.executable, "-m", "dvc", "repro")
     report = (project / "outputs" / "report" / "report.md").read_text()
@@ -101,11 +102,13 @@ def test_repro_runs_end_to_end_and_reports(project: Path) -> None:
     assert (project / "data" / "cache" / "train.zarr").is_dir()
 
 
+@pytest.mark.slow
 def test_second_repro_does_nothing(project: Path) -> None:
     out = _run(project, sys.executable, "-m", "dvc", "repro")
     assert "Running stage" not in out and "up to date" in out
 
 
+@pytest.mark.slow
 def test_new_student_reruns_only_its_stages(project: Path) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["students"].append("test_convnext")
@@ -120,6 +123,7 @@ def test_new_student_reruns_only_its_stages(project: Path) -> None:
     }
 
 
+@pytest.mark.slow
 def test_dag_metrics_and_plots(project: Path) -> None:
     assert "report" in _run(project, sys.executable, "-m", "dvc", "dag")
     assert "probe_top1" in _run(project, sys.executable, "-m", "dvc", "metrics", "show")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from .conftest import ROOT
@@ -21,6 +22,7 @@ def _walkthrough() -> str:
     return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
 
 
+@pytest.mark.slow
 def test_your_own_images_walkthrough_runs_from_an_empty_folder(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for c, name in enumerate(("cat", "dog")):  # two classes a small network can tell apart: bright vs dark
