@@ -10,9 +10,26 @@ from pathlib import Path
 
 from pipeline.errors import GenddError, require, require_choice
 
-METHODS = ("ce", "kd", "kl", "gendd", "gendd_unsup")
-SUPERVISED = {"ce", "kd", "gendd"}
-USES_HEAD = {"gendd", "gendd_unsup"}
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a distillation method reads and trains (its loss: pipeline/objectives.py, LOSSES)."""
+
+    supervised: bool  # trains on labels: the data must have them
+    uses_cache: bool  # reads the teacher's cached features or logits
+    uses_head: bool  # trains the generative head on the teacher's features (GenDD)
+    probe: str  # what trains the student's own classifier: labels (ce), KD, or the teacher's softmax alone (kl)
+
+
+# The one table of methods: the CLI's choices, the data each needs, the modules it trains.
+METHOD_SPECS = {
+    "ce": MethodSpec(supervised=True, uses_cache=False, uses_head=False, probe="ce"),
+    "kd": MethodSpec(supervised=True, uses_cache=True, uses_head=False, probe="kd"),
+    "kl": MethodSpec(supervised=False, uses_cache=True, uses_head=False, probe="kl"),
+    "gendd": MethodSpec(supervised=True, uses_cache=True, uses_head=True, probe="ce"),
+    "gendd_unsup": MethodSpec(supervised=False, uses_cache=True, uses_head=True, probe="kl"),
+}
+METHODS = tuple(METHOD_SPECS)
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 SAMPLERS = ("ddpm", "ddim", "dpmsolver")
 POLICIES = ("rrc", "pad_crop", "flip", "none")
@@ -34,7 +51,7 @@ class ObjectiveConfig:
     """Which loss to train with and its hyper-parameters."""
 
     method: str = "gendd"
-    contraction: float = 0.9  # lam of Distribution Contraction; forced to 0 for gendd_unsup
+    contraction: float = 0.9  # lam of Distribution Contraction; forced to 0 for unsupervised methods
     mixup_beta: float = 1.0  # <= 0 turns feature mixup off
     kd_alpha: float = 1.0
     kd_tau: float = 4.0
@@ -44,8 +61,8 @@ class ObjectiveConfig:
 
     def __post_init__(self) -> None:
         require_choice("method", self.method, METHODS)
-        if self.method == "gendd_unsup":
-            # Contraction needs labels, which the unsupervised method never sees.
+        if not self.spec.supervised:
+            # Contraction pulls towards the labels' class centres, which an unsupervised method never sees.
             object.__setattr__(self, "contraction", 0.0)
         require(0.0 <= self.contraction <= 1.0, "contraction", "in [0, 1]", self.contraction)
         require(self.kd_tau > 0, "kd_tau", "positive", self.kd_tau)
@@ -53,6 +70,11 @@ class ObjectiveConfig:
             raise GenddError(f"logit_adjust must be >= 0 (0 = plain cross-entropy), got {self.logit_adjust}")
         require(self.mixup_beta >= 0, "mixup_beta", ">= 0 (0 = off)", self.mixup_beta)
         require(self.kd_alpha >= 0, "kd_alpha", ">= 0", self.kd_alpha)
+
+    @property
+    def spec(self) -> MethodSpec:
+        """What the method reads and trains."""
+        return METHOD_SPECS[self.method]
 
 
 @dataclass(frozen=True)

@@ -110,11 +110,6 @@ def live_logger(live_dir: Path) -> Callable[[list[dict]], None]:
     return log
 
 
-def _probe_kind(method: str) -> str:
-    """How the student's own classifier was trained: labels (ce), the teacher's softmax (kl; label-free)."""
-    return {"ce": "ce", "kd": "kd", "kl": "kl", "gendd": "ce", "gendd_unsup": "kl"}[method]
-
-
 def distill(cfg: DistillConfig) -> dict:
     """Train the student, then write student.safetensors/.json, head.safetensors, load_student.py, train.json."""
     for location in (cfg.shards, cfg.cache):
@@ -156,7 +151,7 @@ def distill(cfg: DistillConfig) -> dict:
         extra={
             "method": cfg.train.objective.method,
             "head": head_cfg,
-            "probe": _probe_kind(cfg.train.objective.method),
+            "probe": cfg.train.objective.spec.probe,
             "provenance": origin,
         },
     )

@@ -1,6 +1,9 @@
-"""Training objectives of the five methods: ce, kd, kl, gendd (supervised) and gendd_unsup."""
+"""Training objectives: the loss of every method (LOSSES), keyed like pipeline/config.py's METHOD_SPECS."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -98,6 +101,70 @@ def _label_ce(cfg: ObjectiveConfig, logits: Tensor, labels: Tensor, log_prior: T
     return F.cross_entropy(logits + cfg.logit_adjust * log_prior, labels)
 
 
+@dataclass(frozen=True)
+class ObjectiveInputs:
+    """What a loss may read: student features (B, D_S), its classifier (the probe), the head, the batch's targets."""
+
+    feats: Tensor
+    classifier: nn.Module
+    head: GenerativeHead | None
+    teacher_features: Tensor | None
+    teacher_logits: Tensor | None
+    labels: Tensor | None
+    centres: Tensor | None
+    generator: torch.Generator | None
+    log_prior: Tensor | None
+
+
+Loss = Callable[[ObjectiveConfig, ObjectiveInputs], tuple[Tensor, dict[str, Tensor]]]
+
+
+def _ce(cfg: ObjectiveConfig, x: ObjectiveInputs) -> tuple[Tensor, dict[str, Tensor]]:
+    _require(cfg.method, labels=x.labels)
+    loss = _label_ce(cfg, x.classifier(x.feats), x.labels, x.log_prior)
+    return loss, {"loss": loss.detach(), "ce": loss.detach()}
+
+
+def _kd(cfg: ObjectiveConfig, x: ObjectiveInputs) -> tuple[Tensor, dict[str, Tensor]]:
+    _require(cfg.method, labels=x.labels, teacher_logits=x.teacher_logits)
+    logits = x.classifier(x.feats)
+    ce = _label_ce(cfg, logits, x.labels, x.log_prior)
+    kl = _softened_kl(logits, x.teacher_logits, cfg.kd_tau)
+    loss = ce + cfg.kd_alpha * kl
+    return loss, {"loss": loss.detach(), "ce": ce.detach(), "kl": kl.detach()}
+
+
+def _kl(cfg: ObjectiveConfig, x: ObjectiveInputs) -> tuple[Tensor, dict[str, Tensor]]:
+    _require(cfg.method, teacher_logits=x.teacher_logits)
+    loss = kl_loss(x.classifier(x.feats), x.teacher_logits)
+    return loss, {"loss": loss.detach(), "kl": loss.detach()}
+
+
+def _gendd(cfg: ObjectiveConfig, x: ObjectiveInputs) -> tuple[Tensor, dict[str, Tensor]]:
+    _require(cfg.method, head=x.head, teacher_features=x.teacher_features, labels=x.labels)
+    diffusion = _generative_loss(cfg, x.feats, x.head, x.teacher_features, x.labels, x.centres, x.generator)
+    probe = _label_ce(cfg, x.classifier(x.feats.detach()), x.labels, x.log_prior)  # never trains the backbone
+    loss = diffusion + probe
+    return loss, {"loss": loss.detach(), "diffusion": diffusion.detach(), "probe_ce": probe.detach()}
+
+
+def _gendd_unsup(cfg: ObjectiveConfig, x: ObjectiveInputs) -> tuple[Tensor, dict[str, Tensor]]:
+    # The backbone learns from the diffusion loss alone, on uncontracted teacher features. A label-free probe (KL to
+    # the cached teacher logits, on the detached feature) makes the student usable without sampling; like the
+    # supervised probe it sends no gradient into the backbone.
+    _require(cfg.method, head=x.head, teacher_features=x.teacher_features)
+    diffusion = _generative_loss(cfg, x.feats, x.head, x.teacher_features, None, None, x.generator)
+    if x.teacher_logits is None:
+        return diffusion, {"loss": diffusion.detach(), "diffusion": diffusion.detach()}
+    probe = kl_loss(x.classifier(x.feats.detach()), x.teacher_logits)
+    loss = diffusion + probe
+    return loss, {"loss": loss.detach(), "diffusion": diffusion.detach(), "probe_kl": probe.detach()}
+
+
+# The loss of every method of pipeline/config.py's METHOD_SPECS (what each reads and trains), by the same name.
+LOSSES: dict[str, Loss] = {"ce": _ce, "kd": _kd, "kl": _kl, "gendd": _gendd, "gendd_unsup": _gendd_unsup}
+
+
 def compute_objective(
     cfg: ObjectiveConfig,
     *,
@@ -112,35 +179,15 @@ def compute_objective(
     log_prior: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Total loss of cfg.method on student features (B, D_S) and detached scalars to log (no host sync per step)."""
-    method = cfg.method
-    if method == "ce":
-        _require(method, labels=labels)
-        loss = _label_ce(cfg, classifier(feats), labels, log_prior)
-        return loss, {"loss": loss.detach(), "ce": loss.detach()}
-    if method == "kd":
-        _require(method, labels=labels, teacher_logits=teacher_logits)
-        logits = classifier(feats)
-        ce = _label_ce(cfg, logits, labels, log_prior)
-        kl = _softened_kl(logits, teacher_logits, cfg.kd_tau)
-        loss = ce + cfg.kd_alpha * kl
-        return loss, {"loss": loss.detach(), "ce": ce.detach(), "kl": kl.detach()}
-    if method == "kl":
-        _require(method, teacher_logits=teacher_logits)
-        loss = kl_loss(classifier(feats), teacher_logits)
-        return loss, {"loss": loss.detach(), "kl": loss.detach()}
-    if method == "gendd":
-        _require(method, head=head, teacher_features=teacher_features, labels=labels)
-        diffusion = _generative_loss(cfg, feats, head, teacher_features, labels, centres, generator)
-        probe = _label_ce(cfg, classifier(feats.detach()), labels, log_prior)  # never trains the backbone
-        loss = diffusion + probe
-        return loss, {"loss": loss.detach(), "diffusion": diffusion.detach(), "probe_ce": probe.detach()}
-    # gendd_unsup: the backbone learns from the diffusion loss alone, on uncontracted teacher features. A label-free
-    # probe (KL to the cached teacher logits, on the detached feature) makes the student usable without sampling;
-    # like the supervised probe it sends no gradient into the backbone.
-    _require(method, head=head, teacher_features=teacher_features)
-    diffusion = _generative_loss(cfg, feats, head, teacher_features, None, None, generator)
-    if teacher_logits is None:
-        return diffusion, {"loss": diffusion.detach(), "diffusion": diffusion.detach()}
-    probe = kl_loss(classifier(feats.detach()), teacher_logits)
-    loss = diffusion + probe
-    return loss, {"loss": loss.detach(), "diffusion": diffusion.detach(), "probe_kl": probe.detach()}
+    inputs = ObjectiveInputs(
+        feats=feats,
+        classifier=classifier,
+        head=head,
+        teacher_features=teacher_features,
+        teacher_logits=teacher_logits,
+        labels=labels,
+        centres=centres,
+        generator=generator,
+        log_prior=log_prior,
+    )
+    return LOSSES[cfg.method](cfg, inputs)

@@ -8,6 +8,9 @@ from pathlib import Path
 from pipeline.errors import GenddError
 from pipeline.outputs import check_writable, save_figure, write_json, write_text
 
+# The table's reference: each student's gain over Hinton KD with the same student ("vs KD").
+BASELINE = "kd"
+
 
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
@@ -51,7 +54,7 @@ def collect(evals: Path, students: Path) -> list[dict]:
 
 def markdown_table(rows: list[dict], cache_info: dict | None) -> str:
     """The comparison table: teacher, then each student x method with both paths, its delta over KD and cost."""
-    kd = {r["student"]: r["probe_top1"] for r in rows if r["method"] == "kd"}
+    kd = {r["student"]: r["probe_top1"] for r in rows if r["method"] == BASELINE}
     teacher = next((r["teacher_top1"] for r in rows if "teacher_top1" in r), None)
     lines = [
         "| student | method | probe top-1 | generative top-1 | vs KD | top-5 (probe) | train s |",

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.config import SUPERVISED, USES_HEAD, DataOptions, TrainConfig
+from pipeline.config import METHOD_SPECS, DataOptions, TrainConfig
 from pipeline.data import (
     EpochPlan,
     InputInfo,
@@ -96,7 +96,7 @@ def build_student(cfg: TrainConfig, info: InputInfo, input_size: int, stats: tup
     d_s = feature_dim(net, info.channels, input_size)
     head = proj = None
     method = cfg.objective.method
-    if method in USES_HEAD:
+    if cfg.objective.spec.uses_head:
         if info.feature_dim is None:
             raise GenddError(f"method {method} (or a warm start) needs a teacher feature cache: pass --cache")
         settings = cfg.head
@@ -147,7 +147,7 @@ def target_stats(cfg: TrainConfig, data: TrainInput) -> tuple[torch.Tensor, torc
     `feature_chunks` yields (all of them for small caches), accumulated in float64 one chunk at a time."""
     total = sq = None
     rows = 0
-    uses_labels = cfg.objective.contraction > 0 and cfg.objective.method in SUPERVISED
+    uses_labels = cfg.objective.contraction > 0  # never for an unsupervised method (ObjectiveConfig)
     for feats, labels in data.feature_chunks():
         n, k, d = feats.shape
         y = torch.from_numpy(labels).long().repeat_interleave(k) if uses_labels else None
@@ -166,12 +166,13 @@ def target_stats(cfg: TrainConfig, data: TrainInput) -> tuple[torch.Tensor, torc
 
 def check_data_serves(cfg: TrainConfig, info: InputInfo) -> None:
     """Refuse, in one line, a data/cache combination the method cannot use."""
-    method = cfg.objective.method
-    if method in SUPERVISED and not info.labeled:
-        raise GenddError(f"method {method} needs labels but the data has none; use kl or gendd_unsup")
-    if method != "ce" and info.feature_dim is None:
+    method, spec = cfg.objective.method, cfg.objective.spec
+    if spec.supervised and not info.labeled:
+        label_free = " or ".join(name for name, other in METHOD_SPECS.items() if not other.supervised)
+        raise GenddError(f"method {method} needs labels but the data has none; use {label_free}")
+    if spec.uses_cache and info.feature_dim is None:
         raise GenddError(f"method {method} needs the teacher feature cache: pass --cache (run gendd extract)")
-    if cfg.objective.logit_adjust and method not in SUPERVISED:
+    if cfg.objective.logit_adjust and not spec.supervised:
         raise GenddError(f"logit_adjust shifts the label cross-entropy, which {method} has none of; set it to 0")
 
 
@@ -247,7 +248,7 @@ class _Run:
     epoch_steps: list[int]  # optimiser steps of every epoch, known up front (the schedule needs the total)
     warmup: int
     has_proj: bool
-    use_labels: bool  # labels reach the objective only for supervised methods (never for kl / gendd_unsup)
+    use_labels: bool  # labels reach the objective only for supervised methods (MethodSpec.supervised)
 
     @property
     def total_steps(self) -> int:
@@ -266,7 +267,7 @@ def _start_run(cfg: TrainConfig, data: TrainInput, input_size: int, ckpt_path: P
     plan = EpochPlan(cfg.seed, 0, cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.policy)
     data.start(plan, accelerator.device)
     torch.manual_seed(cfg.seed)
-    stats = target_stats(cfg, data) if cfg.objective.method in USES_HEAD and cfg.head.target_norm else None
+    stats = target_stats(cfg, data) if cfg.objective.spec.uses_head and cfg.head.target_norm else None
     model = build_student(cfg, data.info, input_size, stats)
     groups = param_groups(model, cfg.weight_decay, cfg.head.lr_mult)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2_start))
@@ -284,7 +285,7 @@ def _start_run(cfg: TrainConfig, data: TrainInput, input_size: int, ckpt_path: P
     epoch_steps = [data.steps_per_epoch(cfg.seed, e, cfg.batch_size, world) for e in range(cfg.epochs)]
     warmup = max(1, int(cfg.warmup_epochs * epoch_steps[0]))
     data.place(accelerator.device)
-    use_labels = cfg.objective.method in SUPERVISED and data.info.labeled
+    use_labels = cfg.objective.spec.supervised and data.info.labeled
     run = _Run(accelerator, model, optimizer, data, epoch_steps, warmup, has_proj, use_labels)
     return run, start, history
 

@@ -3,10 +3,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import METHODS, USES_HEAD
+from pipeline.config import METHOD_SPECS, METHODS
 from pipeline.errors import GenddError
 from pipeline.head import GenerativeHead, HeadConfig
 from pipeline.objectives import (
+    LOSSES,
     ObjectiveConfig,
     class_log_prior,
     compute_objective,
@@ -94,7 +95,7 @@ def test_warmstart_trains_the_projection_but_not_the_teacher_classifier() -> Non
 
 
 def test_unsupervised_config_forces_zero_contraction_and_methods_are_validated() -> None:
-    assert ObjectiveConfig(method="gendd_unsup").contraction == 0.0
+    assert ObjectiveConfig(method="gendd_unsup").contraction == ObjectiveConfig(method="kl").contraction == 0.0
     assert ObjectiveConfig(method="gendd").contraction == 0.9
     with pytest.raises(GenddError, match="ce, kd, kl, gendd, gendd_unsup"):
         ObjectiveConfig(method="mse")
@@ -105,7 +106,7 @@ def _models(method: str) -> tuple[nn.Module, nn.Module, GenerativeHead | None]:
     backbone, classifier = nn.Linear(D_IN, D_S), nn.Linear(D_S, C)
     head = (
         GenerativeHead(HeadConfig(feature_dim=D_T, cond_dim=D_S, token_dim=4, width=64, depth=2))
-        if method in USES_HEAD
+        if METHOD_SPECS[method].uses_head
         else None
     )
     return backbone, classifier, head
@@ -206,6 +207,29 @@ def test_missing_inputs_raise_one_clear_error(method: str, drop: str, message: s
     data = {**_teacher(), drop: None}
     with pytest.raises(GenddError, match=message):
         _objective(ObjectiveConfig(method=method), backbone, classifier, head, data)
+
+
+def test_every_method_has_a_loss() -> None:
+    assert tuple(LOSSES) == METHODS
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_spec_says_what_the_loss_reads(method: str) -> None:
+    """A loss refuses a missing input exactly when the method's MethodSpec says it reads it."""
+    spec, cfg = METHOD_SPECS[method], ObjectiveConfig(method=method)
+    backbone, classifier, head = _models(method)
+    unread = {
+        "labels": ({**_teacher(), "labels": None}, head, spec.supervised),
+        "head": (_teacher(), None, spec.uses_head),
+        "cache": ({**_teacher(), "teacher_features": None, "teacher_logits": None}, head, spec.uses_cache),
+    }
+    for what, (data, module, needed) in unread.items():
+        if needed:
+            with pytest.raises(GenddError, match="was not given"):
+                _objective(cfg, backbone, classifier, module, data)
+        else:
+            loss, _ = _objective(cfg, backbone, classifier, module, data)
+            assert torch.isfinite(loss), what
 
 
 def test_gendd_without_a_head_raises() -> None:
