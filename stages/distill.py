@@ -85,6 +85,7 @@ def command(
     """Distil a student; checkpoints every epoch and resumes automatically."""
     from pipeline.distill import DistillConfig, distill
 
+    # One settings dataclass per group of options; --head-width is HeadSettings.width, and so on.
     objective = ObjectiveConfig(
         method=method,
         contraction=contraction,
@@ -124,10 +125,13 @@ def command(
     config = DistillConfig(
         shards=shards, cache=cache, out=out, train=train, resume=resume, data=options, work_dir=work_dir
     )
-    summary = distill(config)
-    final = summary["final"]
-    top1 = final.get("val_probe_top1")
-    typer.echo(
-        f"{method} {student}: {summary['epochs']} epochs in {summary['train_seconds']:.1f}s, "
+    typer.echo(result_line(distill(config), train, out))
+
+
+def result_line(summary: dict, train: TrainConfig, out: str) -> str:
+    """What `gendd distill` prints when done: run, epochs and time, the last val probe top-1, the exported weights."""
+    top1 = summary["final"].get("val_probe_top1")
+    return (
+        f"{train.objective.method} {train.model}: {summary['epochs']} epochs in {summary['train_seconds']:.1f}s, "
         f"val probe top-1 {'n/a' if top1 is None else f'{top1:.2f}%'} -> {out}/student.safetensors"
     )
