@@ -27,14 +27,6 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> flo
     return float(hits.float().mean() * 100)
 
 
-def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
-    """Top-1 per class (percent), NaN for classes absent from `labels`."""
-    correct = (logits.argmax(1) == labels).float()
-    return [
-        float(correct[labels == c].mean() * 100) if (labels == c).any() else float("nan") for c in range(num_classes)
-    ]
-
-
 @torch.no_grad()
 def predict_batch(
     student: nn.Module,
@@ -210,16 +202,6 @@ def val_probe_evaluator(
     return evaluate_fn
 
 
-def summarise(logits: dict[str, torch.Tensor], labels: torch.Tensor, num_classes: int) -> dict:
-    """Metrics of every path: top-1, top-5 and per-class top-1."""
-    metrics: dict = {}
-    for path, values in logits.items():
-        metrics[f"{path}_top1"] = topk_accuracy(values, labels, 1)
-        metrics[f"{path}_top5"] = topk_accuracy(values, labels, 5)
-        metrics[f"{path}_per_class"] = per_class_accuracy(values, labels, num_classes)
-    return metrics
-
-
 # What `dvc metrics show` / `dvc exp show` list per run: the accuracies, rounded; the rest is in details.json.
 SHOWN_METRICS = ("probe_top1", "probe_top5", "generative_top1", "generative_top5", "teacher_top1")
 
@@ -322,8 +304,6 @@ def run_evaluation(
                 tallies[name].add(values, batch["labels"])
             bar.update(len(images))
     metrics["eval_seconds"] = time.perf_counter() - started
-    if metrics["method"] == "gendd_unsup" and "probe" not in (card.get("extra") or {}):
-        metrics["probe_untrained"] = True  # a student from before the label-free probe: its classifier never trained
     for name, tally in tallies.items():
         if tally.n:
             summary = tally.summary(name)

@@ -16,11 +16,6 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _probe(row: dict) -> float | None:
-    """Probe top-1, or None when the method trains no probe (unsupervised GenDD)."""
-    return None if row.get("probe_untrained") else row.get("probe_top1")
-
-
 def _read_json(path: Path, run: str, stage: str, needs: tuple[str, ...]) -> dict:
     """A run's JSON record, or one line naming the run, the file and the stage that rewrites it."""
     fix = f"re-run gendd {stage} for run {run!r}, or remove its directory"
@@ -62,10 +57,9 @@ def markdown_table(rows: list[dict], cache_info: dict | None) -> str:
         f"| teacher | - | {_fmt(teacher)} | - | - | - | - |",
     ]
     for r in sorted(rows, key=lambda r: (r["student"], r["method"])):
-        main = _probe(r) if _probe(r) is not None else r.get("generative_top1")
-        delta = main - kd[r["student"]] if r["student"] in kd and main is not None else None
+        delta = r["probe_top1"] - kd[r["student"]] if r["student"] in kd else None
         lines.append(
-            f"| {r['student']} | {r['method']} | {_fmt(_probe(r))} | {_fmt(r.get('generative_top1'))} | "
+            f"| {r['student']} | {r['method']} | {_fmt(r['probe_top1'])} | {_fmt(r.get('generative_top1'))} | "
             f"{'-' if delta is None else f'{delta:+.2f}'} | {_fmt(r.get('probe_top5'))} | "
             f"{_fmt(r.get('train_seconds'), 1)} |"
         )
@@ -88,7 +82,7 @@ def _plots(rows: list[dict], out: Path) -> None:
     runs = sorted(rows, key=lambda r: (r["student"], r["method"]))
     fig, ax = plt.subplots(figsize=(max(5, len(runs) * 0.9), 3.4))
     x = range(len(runs))
-    ax.bar([i - 0.2 for i in x], [_probe(r) or 0 for r in runs], 0.4, label="probe")
+    ax.bar([i - 0.2 for i in x], [r["probe_top1"] for r in runs], 0.4, label="probe")
     ax.bar([i + 0.2 for i in x], [r.get("generative_top1") or 0 for r in runs], 0.4, label="generative")
     ax.set_xticks(list(x), [r["run"] for r in runs], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("val top-1 (%)")
