@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -14,6 +15,11 @@ import pytest
 
 from pipeline.shards import ShardIndex, prepare_shards
 from pipeline.specs import load_spec
+
+# The test models are tiny (8-32 px), so intra-op threads gain nothing; with a core busy elsewhere, OpenMP's second
+# thread made a CPU epoch up to 18x slower (measured on 2 cores). Set before torch loads: it holds here and in every
+# `gendd` a test starts. An OMP_NUM_THREADS already set wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_SPEC = ROOT / "data_specs" / "digits.yaml"
