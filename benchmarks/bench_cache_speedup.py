@@ -38,9 +38,9 @@ from benchlib import (
     write_results,
 )
 
+from pipeline.config import HeadSettings, ObjectiveConfig
 from pipeline.data import EpochPlan, MemoryInput, memory_input
 from pipeline.extract import ExtractConfig, TeacherRunner, extract
-from pipeline.objectives import ObjectiveConfig
 from pipeline.shards import ShardIndex
 from pipeline.store import open_cache
 from pipeline.train import Student, TrainConfig, batch_targets, build_student, param_groups, target_stats
@@ -90,13 +90,14 @@ def train_config(args, case: Case, method: str) -> TrainConfig:
     return TrainConfig(
         model=case.student,
         small_stem=case.small_stem,
-        method=method,
-        objective=ObjectiveConfig(method),
+        objective=ObjectiveConfig(method=method),
         batch_size=case.batch,
-        head_token_dim=case.token_dim,
-        head_width=args.head_width,
-        head_depth=args.head_depth,
-        diffusion_batch_mul=args.diffusion_batch_mul,
+        head=HeadSettings(
+            token_dim=case.token_dim,
+            width=args.head_width,
+            depth=args.head_depth,
+            diffusion_batch_mul=args.diffusion_batch_mul,
+        ),
         seed=args.seed,
         cpu=torch.device(args.device).type == "cpu",
     )
@@ -135,7 +136,7 @@ def measure(args, case: Case, device: torch.device) -> tuple[dict, dict]:
     torch.manual_seed(args.seed)
     gendd = build_student(gendd_cfg, info, size, target_stats(gendd_cfg, source)).to(device).train()
     ce = build_student(ce_cfg, replace(info, feature_dim=None), size).to(device).train()
-    opt_g = torch.optim.AdamW(param_groups(gendd, 0.05, gendd_cfg.head_lr_mult), lr=1e-3)
+    opt_g = torch.optim.AdamW(param_groups(gendd, 0.05, gendd_cfg.head.lr_mult), lr=1e-3)
     opt_c = torch.optim.AdamW(param_groups(ce, 0.05, 1.0), lr=1e-3)
     source.place(device)  # where training keeps images and targets (on a GPU: on the device when they fit)
     plan = EpochPlan(args.seed, 0, case.batch)

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from benchlib import digits_shards, machine, make_parser, result_name, setup, timed, trained_teacher, write_results
 
+from pipeline.config import HeadSettings, ObjectiveConfig
 from pipeline.distill import DistillConfig, distill
 from pipeline.evaluate import SamplingConfig, predict, topk_accuracy
 from pipeline.extract import ExtractConfig, extract
-from pipeline.objectives import ObjectiveConfig
 from pipeline.shards import load_index, load_split
 from pipeline.store import open_cache
 from pipeline.train import TrainConfig, load_student
@@ -40,25 +40,31 @@ def make_student(args, device: torch.device) -> tuple[Path, Path, Path]:
     )
     cache = root / f"cache-{args.teacher}-{args.teacher_epochs}-K{args.views}"
     cpu = device.type == "cpu"
-    extract(ExtractConfig(index.root, tdir, cache, ("train", "val"), args.views, batch_size=512, cpu=cpu))
+    extract(
+        ExtractConfig(
+            shards=index.root,
+            teacher=tdir,
+            out=cache,
+            splits=("train", "val"),
+            num_views=args.views,
+            batch_size=512,
+            cpu=cpu,
+        )
+    )
     student_dir = root / f"student-{args.student}-gendd-{args.epochs}"
     if not (student_dir / "student.json").is_file():
         cfg = TrainConfig(
             model=args.student,
-            method="gendd",
-            objective=ObjectiveConfig("gendd"),
+            objective=ObjectiveConfig(method="gendd"),
             epochs=args.epochs,
             batch_size=64,
             lr=2e-3,
-            head_token_dim=32,
-            head_width=256,
-            head_depth=3,
-            diffusion_batch_mul=2,
+            head=HeadSettings(token_dim=32, width=256, depth=3, diffusion_batch_mul=2),
             warmstart_epochs=args.warmstart_epochs,
             seed=args.seed,
             cpu=cpu,
         )
-        summary = distill(DistillConfig(index.root, cache, student_dir, cfg))
+        summary = distill(DistillConfig(shards=index.root, cache=cache, out=student_dir, train=cfg))
         print(f"student trained in {summary['train_seconds']:.0f}s: {summary['final']}")
     return student_dir, cache, index.root
 

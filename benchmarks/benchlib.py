@@ -259,12 +259,19 @@ def random_teacher(out: Path, name: str, index: ShardIndex, input_size: int, sma
 
 def trained_teacher(out: Path, index: ShardIndex, name: str, epochs: int, device: torch.device) -> Path:
     """A teacher trained here with cross-entropy (pipeline.teacher.make_teacher); reused when already there."""
+    from pipeline.config import ObjectiveConfig, TrainConfig
     from pipeline.teacher import TeacherConfig, make_teacher
-    from pipeline.train import TrainConfig
 
     if (out / "teacher.json").is_file():
         return out
-    cfg = TrainConfig(model=name, method="ce", epochs=epochs, batch_size=64, lr=2e-3, cpu=device.type == "cpu")
-    card = make_teacher(TeacherConfig(index.root, out, cfg))
+    cfg = TrainConfig(
+        model=name,
+        objective=ObjectiveConfig(method="ce"),
+        epochs=epochs,
+        batch_size=64,
+        lr=2e-3,
+        cpu=device.type == "cpu",
+    )
+    card = make_teacher(TeacherConfig(shards=index.root, out=out, train=cfg))
     print(f"teacher {name}: {epochs} epochs, val top-1 {card['extra']['val_top1']:.2f}%")
     return out
