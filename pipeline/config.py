@@ -133,6 +133,9 @@ class HeadSettings:
     prediction: str = "v_prediction"  # what the head predicts: v (tuned default), epsilon (paper) or sample
     lr_mult: float = 2.5  # head + probe learning rate over the backbone's (1.0 = the paper's single lr)
     target_norm: bool = True  # standardise diffusion targets per dimension (False = the paper's raw targets)
+    # GenDD's probe reads the head's normalised condition z (detached) instead of the raw student feature; the
+    # timm-only load_student.py cannot rebuild that readout (gendd evaluate can).
+    probe_on_condition: bool = False
 
     def __post_init__(self) -> None:
         # Messages name the CLI option of each field (params.yaml's key): --head-width, not --width.

@@ -152,6 +152,7 @@ def distill(cfg: DistillConfig) -> dict:
             "method": cfg.train.objective.method,
             "head": head_cfg,
             "probe": cfg.train.objective.spec.probe,
+            "probe_input": "condition" if student.probe_on_condition else "feature",
             "provenance": origin,
         },
     )

@@ -43,7 +43,7 @@ def predict_batch(
     `sampling` is set, generative-path logits (teacher head applied to the averaged generated teacher features)."""
     views = torch.tensor([IDENTITY], device=images.device).expand(len(images), 5)
     feats = features(student.net, apply_views(images, views, input_size, mean, std))  # (B, D_S)
-    out = {"probe": student.net.get_classifier()(feats).float()}
+    out = {"probe": student.probe(feats).float()}
     if sampling is not None and student.head is not None and teacher_head is not None:
         z = student.head.condition(feats)
         f_t = student.head.sample(

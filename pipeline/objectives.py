@@ -103,10 +103,11 @@ def _label_ce(cfg: ObjectiveConfig, logits: Tensor, labels: Tensor, log_prior: T
 
 @dataclass(frozen=True)
 class ObjectiveInputs:
-    """What a loss may read: student features (B, D_S), its classifier (the probe), the head, the batch's targets."""
+    """What a loss may read: student features (B, D_S), its classifier (the probe: features -> logits), the head, the
+    batch's targets."""
 
     feats: Tensor
-    classifier: nn.Module
+    classifier: Callable[[Tensor], Tensor]
     head: GenerativeHead | None
     teacher_features: Tensor | None
     teacher_logits: Tensor | None
@@ -169,7 +170,7 @@ def compute_objective(
     cfg: ObjectiveConfig,
     *,
     feats: Tensor,
-    classifier: nn.Module,
+    classifier: Callable[[Tensor], Tensor],
     head: GenerativeHead | None,
     teacher_features: Tensor | None,
     teacher_logits: Tensor | None,

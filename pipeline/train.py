@@ -46,13 +46,26 @@ class Student(nn.Module):
     """A timm network (its own classifier is the linear probe), plus the generative head and warm-start projection."""
 
     def __init__(
-        self, net: nn.Module, head: GenerativeHead | None, proj: nn.Module | None, log_prior: torch.Tensor | None = None
+        self,
+        net: nn.Module,
+        head: GenerativeHead | None,
+        proj: nn.Module | None,
+        log_prior: torch.Tensor | None = None,
+        probe_on_condition: bool = False,
     ) -> None:
         super().__init__()
         self.net, self.head, self.proj = net, head, proj
+        # GenDD's probe may read the head's normalised condition z instead of the raw feature (HeadSettings).
+        self.probe_on_condition = probe_on_condition and head is not None
         self.log_prior: torch.Tensor | None
         # Training-label class prior for logit adjustment; a buffer so it follows the model to its device.
         self.register_buffer("log_prior", log_prior, persistent=log_prior is not None)
+
+    def probe(self, feats: torch.Tensor) -> torch.Tensor:
+        """Logits of the student's own classifier on features (B, D_S): the raw feature, or the detached condition."""
+        if self.probe_on_condition:
+            return self.net.get_classifier()(self.head.condition(feats).detach())
+        return self.net.get_classifier()(feats)
 
     def forward(
         self, x: torch.Tensor, batch: dict, objective: ObjectiveConfig, warm: bool
@@ -69,7 +82,7 @@ class Student(nn.Module):
         return compute_objective(
             objective,
             feats=feats,
-            classifier=self.net.get_classifier(),
+            classifier=self.probe,
             head=self.head,
             teacher_features=batch.get("teacher_features"),
             teacher_logits=batch.get("teacher_logits"),
@@ -87,7 +100,7 @@ def load_student(out: str | Path) -> tuple[Student, dict]:
     if card["extra"].get("head"):
         head = GenerativeHead(HeadConfig(**card["extra"]["head"]))
         head.load_state_dict(load_file(str(out / "head.safetensors")))
-    return Student(net, head, None).eval(), card
+    return Student(net, head, None, probe_on_condition=card["extra"].get("probe_input") == "condition").eval(), card
 
 
 def build_student(cfg: TrainConfig, info: InputInfo, input_size: int, stats: tuple | None = None) -> Student:
@@ -116,7 +129,7 @@ def build_student(cfg: TrainConfig, info: InputInfo, input_size: int, stats: tup
         if cfg.warmstart_epochs:
             proj = nn.Linear(d_s, info.feature_dim)  # stage 1: student feature -> teacher feature space -> its head
     log_prior = class_log_prior(info.labels, info.num_classes) if cfg.objective.logit_adjust else None
-    return Student(net, head, proj, log_prior)
+    return Student(net, head, proj, log_prior, cfg.head.probe_on_condition)
 
 
 def open_train_input(

@@ -72,6 +72,10 @@ def command(
     head_prediction: Prediction = typer.Option(
         default(H, "prediction"), help="What the head predicts: v_prediction, epsilon (paper) or sample (x0)."
     ),
+    probe_on_condition: bool = typer.Option(
+        default(H, "probe_on_condition"),
+        help="GenDD: train the probe on the head's normalised condition (detached), not the raw feature.",
+    ),
     input_size: int | None = typer.Option(None, help="Student input size (default: the teacher's)."),
     policy: Policy = typer.Option(default(T, "policy").kind, help=POLICY_HELP + " Used without a cache (ce)."),
     seed: int = typer.Option(default(T, "seed"), help="Seed of initialisation, sample order and views."),
@@ -103,6 +107,7 @@ def command(
         prediction=head_prediction,
         lr_mult=head_lr_mult,
         target_norm=target_norm,
+        probe_on_condition=probe_on_condition,
     )
     train = TrainConfig(
         model=student,
