@@ -58,6 +58,9 @@ class ObjectiveConfig:
     # Logit adjustment (Menon et al. 2021) of every cross-entropy on labels (ce, kd, GenDD's probe): train on
     # logits + tau * log(prior) and predict with the plain logits, which targets balanced accuracy on long-tailed data.
     logit_adjust: float = 0.0
+    # Contraction anchor (the official ImageNet recipe): (a * onehot(y) + (1 - a) * softmax(teacher logits)) @ W;
+    # 1 = the hard anchor W[y] (the paper's CIFAR recipe).
+    soft_anchor: float = 1.0
 
     def __post_init__(self) -> None:
         require_choice("method", self.method, METHODS)
@@ -70,6 +73,7 @@ class ObjectiveConfig:
             raise GenddError(f"logit_adjust must be >= 0 (0 = plain cross-entropy), got {self.logit_adjust}")
         require(self.mixup_beta >= 0, "mixup_beta", ">= 0 (0 = off)", self.mixup_beta)
         require(self.kd_alpha >= 0, "kd_alpha", ">= 0", self.kd_alpha)
+        require(0.0 <= self.soft_anchor <= 1.0, "soft_anchor", "in [0, 1] (1 = the hard anchor W[y])", self.soft_anchor)
 
     @property
     def spec(self) -> MethodSpec:
@@ -133,6 +137,12 @@ class HeadSettings:
     prediction: str = "v_prediction"  # what the head predicts: v (tuned default), epsilon (paper) or sample
     lr_mult: float = 2.5  # head + probe learning rate over the backbone's (1.0 = the paper's single lr)
     target_norm: bool = True  # standardise diffusion targets per dimension (False = the paper's raw targets)
+    # Training timesteps t = T * u ** timestep_power, u ~ U(0, 1): 1 = uniform (the paper); < 1 draws more high-noise
+    # steps, where only the student's condition tells the target.
+    timestep_power: float = 1.0
+    # The official head's learned variance: twice the outputs, the second half interpolating log beta_t and the
+    # posterior's log variance, trained by the variational bound (mean detached) beside the MSE; DDPM sampling uses it.
+    learn_sigma: bool = False
     # GenDD's probe reads the head's normalised condition z (detached) instead of the raw student feature; the
     # timm-only load_student.py cannot rebuild that readout (gendd evaluate can).
     probe_on_condition: bool = False
@@ -149,6 +159,7 @@ class HeadSettings:
             require(getattr(self, name) >= 1, option, ">= 1", getattr(self, name))
         require(0 <= self.cond_dropout < 1, "cond_dropout", "in [0, 1)", self.cond_dropout)
         require(self.lr_mult > 0, "head_lr_mult", "positive", self.lr_mult)
+        require(0 < self.timestep_power <= 10, "timestep_power", "in (0, 10] (1 = uniform)", self.timestep_power)
         require_choice("head_prediction", self.prediction, PREDICTIONS)
 
 
@@ -166,6 +177,9 @@ class TrainConfig:
     beta2_start: float = 0.95
     beta2_end: float = 0.999
     warmstart_epochs: int = 0  # the first epochs of `epochs` (generative methods only): stage-1 warm start
+    # The warm start as its own stage before the `epochs` budget, with its own warm-up and cosine (the official
+    # recipes run it as a separate run); False: its epochs are the first of `epochs`.
+    warmstart_before: bool = False
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # the method is objective.method
     head: HeadSettings = field(default_factory=HeadSettings)  # used by the generative methods only
     input_size: int | None = None  # default: the teacher's input size (or the images' size)
@@ -185,14 +199,24 @@ class TrainConfig:
         require(
             0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", f"in [0, epochs={self.epochs}]", self.warmup_epochs
         )
-        require(
-            0 <= self.warmstart_epochs < self.epochs,
-            "warmstart_epochs",
-            f"in [0, epochs={self.epochs}) (the warm start is the first epochs of the run)",
-            self.warmstart_epochs,
-        )
+        if self.warmstart_before:
+            require(
+                self.warmstart_epochs >= 1, "warmstart_epochs", ">= 1 with --warmstart-before", self.warmstart_epochs
+            )
+        else:
+            require(
+                0 <= self.warmstart_epochs < self.epochs,
+                "warmstart_epochs",
+                f"in [0, epochs={self.epochs}) (the warm start is the first epochs of the run)",
+                self.warmstart_epochs,
+            )
         require(self.input_size is None or self.input_size >= 1, "input_size", ">= 1", self.input_size)
         require_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs the run trains: `epochs`, plus the warm start when it runs before the budget."""
+        return self.epochs + (self.warmstart_epochs if self.warmstart_before else 0)
 
     def fingerprint(self) -> str:
         """Stable text of the settings that must match to resume a checkpoint (not `epochs`: a resumed run may be

@@ -39,6 +39,8 @@ class HeadConfig:
     # only the condition can tell the target; v_prediction weights it by SNR(t) + 1 and sample (x0) by 1, so the
     # student's condition gets gradient there.
     prediction: str = HeadSettings.prediction
+    timestep_power: float = HeadSettings.timestep_power  # training t = T * u ** power (1 = uniform)
+    learn_sigma: bool = HeadSettings.learn_sigma  # a variance output per dim, trained by the variational bound
 
     def __post_init__(self) -> None:
         for name in (
@@ -137,7 +139,7 @@ class Denoiser(nn.Module):
         self.cond_proj = nn.Linear(cfg.cond_dim, w)
         self.pos_embed = nn.Parameter(torch.randn(cfg.num_tokens, w) * 0.02)  # (T, W)
         self.blocks = nn.ModuleList(ResBlock(w) for _ in range(cfg.depth))
-        self.final = FinalLayer(w, cfg.token_dim)
+        self.final = FinalLayer(w, cfg.token_dim * (2 if cfg.learn_sigma else 1))
         self._zero_init()
 
     def _zero_init(self) -> None:
@@ -151,7 +153,8 @@ class Denoiser(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
-        """Predict noise (N, T, k) from x_t (N, T, k), t broadcastable to (N, T), z broadcastable to (N, T, D_S)."""
+        """Predict noise (N, T, k) from x_t (N, T, k), t broadcastable to (N, T), z broadcastable to (N, T, D_S);
+        with learned variance, (N, T, 2k): the prediction, then the variance interpolation in [-1, 1]."""
         t_emb = self.time_embed(timestep_embedding(t).to(x.dtype))  # (..., W)
         c = t_emb + self.cond_proj(z) + self.pos_embed  # (N, T, W)
         h = self.input_proj(x)  # (N, T, W)
@@ -169,13 +172,32 @@ def make_scheduler(sampler: str, cfg: HeadConfig) -> DDPMScheduler | DDIMSchedul
     }
     # Features are not images: no clipping of x0 to [-1, 1]. "leading" spacing never visits the cosine
     # schedule's last steps, where alpha_bar ~ 1e-8 would blow up the x0 estimate (x - sigma * eps) / alpha.
-    if sampler == "ddpm":
-        return DDPMScheduler(**common, clip_sample=False)
+    if sampler == "ddpm":  # the only sampler that draws with the learned variance
+        variance = "learned_range" if cfg.learn_sigma else "fixed_small"
+        return DDPMScheduler(**common, clip_sample=False, variance_type=variance)
     if sampler == "ddim":
         return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True)
     if sampler == "dpmsolver":
         return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", timestep_spacing="leading")
     raise GenddError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+
+
+def _posterior_tables(alphas_cumprod: Tensor) -> dict[str, Tensor]:
+    """Per-timestep constants of the variational bound (Ho et al. 2020, eq. 7), in float64 then float32."""
+    a = alphas_cumprod.double()
+    a_prev = torch.cat([a.new_ones(1), a[:-1]])
+    beta = 1 - a / a_prev
+    post_var = beta * (1 - a_prev) / (1 - a)
+    post_var[0] = post_var[1]  # t = 0 has no posterior variance: clip the log as improved DDPM does
+    tables = {
+        "sqrt_alpha_bar": a.sqrt(),
+        "sqrt_one_minus_alpha_bar": (1 - a).sqrt(),
+        "posterior_coef_x0": beta * a_prev.sqrt() / (1 - a),
+        "posterior_coef_xt": (1 - a_prev) * (a / a_prev).sqrt() / (1 - a),
+        "posterior_log_var": post_var.log(),
+        "log_beta": beta.log(),
+    }
+    return {name: table.float() for name, table in tables.items()}
 
 
 def _draw_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
@@ -211,6 +233,9 @@ class GenerativeHead(nn.Module):
         # contracted teacher features are ~0.1 in scale next to unit noise. Identity until set_target_stats.
         self.register_buffer("target_mean", torch.zeros(config.feature_dim))
         self.register_buffer("target_std", torch.ones(config.feature_dim))
+        if config.learn_sigma:  # the bound's tables per timestep; derived, so not saved with the weights
+            for name, table in _posterior_tables(self.train_scheduler.alphas_cumprod).items():
+                self.register_buffer(name, table, persistent=False)
 
     def set_target_stats(self, mean: Tensor, std: Tensor) -> None:
         """Standardise training targets with these per-dimension statistics (and undo it when sampling)."""
@@ -228,6 +253,15 @@ class GenerativeHead(nn.Module):
         if target is not None and (target.ndim != 2 or target.shape[1] != cfg.feature_dim):
             raise GenddError(f"target has shape {tuple(target.shape)} but the head expects (B, {cfg.feature_dim})")
 
+    def _draw_timesteps(
+        self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
+    ) -> Tensor:
+        steps, power = self.config.num_train_steps, self.config.timestep_power
+        if power == 1.0:
+            return _randint(steps, shape, generator, device)
+        # u ** power with power < 1 moves mass towards u = 1 (high noise); floor keeps t in [0, steps - 1].
+        return (_rand(shape, generator, device) ** power * steps).long().clamp_max(steps - 1)
+
     def forward(self, target: Tensor, z: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         """Diffusion loss (MSE on noise, velocity or x0) of teacher features (B, D_T) given conditions z (B, D_S)."""
         self._check_dims(z, target)
@@ -237,7 +271,7 @@ class GenerativeHead(nn.Module):
         n, t_len, _ = x0.shape
         z = z.repeat(cfg.diffusion_batch_mul, 1)[:, None, :].expand(n, t_len, -1)  # (N, T, D_S)
         # Every (sample, token, repeat) row gets its own timestep, noise and condition dropout.
-        t = _randint(cfg.num_train_steps, (n, t_len), generator, x0.device)  # (N, T)
+        t = self._draw_timesteps((n, t_len), generator, x0.device)  # (N, T)
         noise = _randn(x0.shape, generator, x0)  # (N, T, k)
         drop = _rand((n, t_len, 1), generator, x0.device) < cfg.cond_dropout  # (N, T, 1)
         z = torch.where(drop, torch.zeros_like(z), z)  # z = 0 is the unconditional branch
@@ -250,14 +284,50 @@ class GenerativeHead(nn.Module):
             wanted = x0
         else:
             wanted = self.train_scheduler.get_velocity(*flat).view_as(x0)
-        return F.mse_loss(self.denoiser(x_t, t, z), wanted)
+        out = self.denoiser(x_t, t, z)
+        if not cfg.learn_sigma:
+            return F.mse_loss(out, wanted)
+        pred, frac = out.chunk(2, dim=-1)
+        # As in improved DDPM: the bound trains the variance only (the mean's estimate is detached), beside the MSE.
+        return F.mse_loss(pred, wanted) + self._variational_bound(pred.detach(), frac, x0, x_t, t).mean()
+
+    def _x0_estimate(self, pred: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        sqrt_a = self.sqrt_alpha_bar[t][..., None]
+        sqrt_1ma = self.sqrt_one_minus_alpha_bar[t][..., None]
+        if self.config.prediction == "epsilon":
+            return (x_t - sqrt_1ma * pred) / sqrt_a
+        if self.config.prediction == "sample":
+            return pred
+        return sqrt_a * x_t - sqrt_1ma * pred  # v-prediction
+
+    def _variational_bound(self, pred: Tensor, frac: Tensor, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """Per-element bound term in bits: KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) for t > 0, the decoder's
+        negative log-likelihood at t = 0 (a continuous Gaussian: features are not 8-bit pixels)."""
+        c1, c2 = self.posterior_coef_x0[t][..., None], self.posterior_coef_xt[t][..., None]
+        true_mean = c1 * x0 + c2 * x_t
+        model_mean = c1 * self._x0_estimate(pred, x_t, t) + c2 * x_t
+        true_log_var = self.posterior_log_var[t][..., None]
+        weight = (frac + 1) / 2  # [-1, 1] -> [0, 1]: log variance between the posterior's and beta_t's
+        model_log_var = weight * self.log_beta[t][..., None] + (1 - weight) * true_log_var
+        kl = 0.5 * (
+            -1.0
+            + model_log_var
+            - true_log_var
+            + torch.exp(true_log_var - model_log_var)
+            + (true_mean - model_mean) ** 2 * torch.exp(-model_log_var)
+        )
+        nll = 0.5 * (math.log(2 * math.pi) + model_log_var + (x0 - model_mean) ** 2 * torch.exp(-model_log_var))
+        return torch.where((t == 0)[..., None], nll, kl) / math.log(2.0)
 
     def _guided_eps(self, x: Tensor, t: Tensor, z: Tensor, cfg_scale: float) -> Tensor:
-        # With guidance, z holds the conditional rows followed by as many z = 0 rows: one batched call.
+        # With guidance, z holds the conditional rows followed by as many z = 0 rows: one batched call. A learned
+        # variance is taken from the conditional rows; guidance mixes the prediction only.
         if cfg_scale == 1.0:
             return self.denoiser(x, t, z)
-        eps_cond, eps_uncond = self.denoiser(torch.cat([x, x]), t, z).chunk(2)
-        return eps_uncond + cfg_scale * (eps_cond - eps_uncond)
+        out_cond, out_uncond = self.denoiser(torch.cat([x, x]), t, z).chunk(2)
+        k = self.config.token_dim
+        guided = out_uncond[..., :k] + cfg_scale * (out_cond[..., :k] - out_uncond[..., :k])
+        return torch.cat([guided, out_cond[..., k:]], dim=-1)
 
     @torch.no_grad()
     def sample(
@@ -285,6 +355,9 @@ class GenerativeHead(nn.Module):
         for t in scheduler.timesteps:
             x_in = scheduler.scale_model_input(x, t)
             eps = self._guided_eps(x_in, t, z_rows, cfg_scale)
-            x = scheduler.step(eps, t, x, generator=generator).prev_sample
+            if cfg.learn_sigma and sampler != "ddpm":  # deterministic samplers read the prediction only
+                eps = eps[..., : cfg.token_dim]
+            # (rows, channels) for the scheduler: diffusers splits a learned variance off along dim 1.
+            x = scheduler.step(eps.flatten(0, 1), t, x.flatten(0, 1), generator=generator).prev_sample.view_as(x)
         mean = untokenize(x.reshape(n_samples, b, cfg.num_tokens, cfg.token_dim).mean(dim=0))  # (B, D_T)
         return mean * self.target_std + self.target_mean

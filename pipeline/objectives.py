@@ -72,6 +72,12 @@ def _require(method: str, **inputs: object) -> None:
         raise GenddError(f"method {method!r} needs {', '.join(inputs)}, but {', '.join(missing)} was not given")
 
 
+def soft_anchor_labels(labels: Tensor, teacher_logits: Tensor, alpha: float) -> Tensor:
+    """Soft labels (B, C) of the official ImageNet anchor: alpha * onehot(y) + (1 - alpha) * softmax(teacher logits)."""
+    onehot = F.one_hot(labels, teacher_logits.shape[1]).to(teacher_logits.dtype)
+    return alpha * onehot + (1 - alpha) * teacher_logits.softmax(dim=-1)
+
+
 def _generative_loss(
     cfg: ObjectiveConfig,
     feats: Tensor,
@@ -80,8 +86,12 @@ def _generative_loss(
     labels: Tensor | None,
     centres: Tensor | None,
     generator: torch.Generator | None,
+    teacher_logits: Tensor | None = None,
 ) -> Tensor:
     z = head.condition(feats)  # (B, D_S)
+    if labels is not None and cfg.soft_anchor < 1:
+        _require(f"{cfg.method} with soft_anchor {cfg.soft_anchor}", teacher_logits=teacher_logits)
+        labels = soft_anchor_labels(labels, teacher_logits, cfg.soft_anchor)
     y = contract_targets(teacher_features, labels, centres, cfg.contraction)  # (B, D_T)
     z, y = feature_mixup(z, y, cfg.mixup_beta, generator)
     return head(y, z, generator=generator)
@@ -143,7 +153,9 @@ def _kl(cfg: ObjectiveConfig, x: ObjectiveInputs) -> tuple[Tensor, dict[str, Ten
 
 def _gendd(cfg: ObjectiveConfig, x: ObjectiveInputs) -> tuple[Tensor, dict[str, Tensor]]:
     _require(cfg.method, head=x.head, teacher_features=x.teacher_features, labels=x.labels)
-    diffusion = _generative_loss(cfg, x.feats, x.head, x.teacher_features, x.labels, x.centres, x.generator)
+    diffusion = _generative_loss(
+        cfg, x.feats, x.head, x.teacher_features, x.labels, x.centres, x.generator, x.teacher_logits
+    )
     probe = _label_ce(cfg, x.classifier(x.feats.detach()), x.labels, x.log_prior)  # never trains the backbone
     loss = diffusion + probe
     return loss, {"loss": loss.detach(), "diffusion": diffusion.detach(), "probe_ce": probe.detach()}

@@ -122,6 +122,8 @@ def build_student(cfg: TrainConfig, info: InputInfo, input_size: int, stats: tup
             diffusion_batch_mul=settings.diffusion_batch_mul,
             cond_dropout=settings.cond_dropout,
             prediction=settings.prediction,
+            timestep_power=settings.timestep_power,
+            learn_sigma=settings.learn_sigma,
         )
         head = GenerativeHead(head_cfg)
         if settings.target_norm and stats is not None:
@@ -208,7 +210,8 @@ def param_groups(model: Student, weight_decay: float, head_lr_mult: float = 1.0)
 
 
 def schedule(step: int, total: int, warmup: int, cfg: TrainConfig) -> tuple[float, float]:
-    """(lr, beta2) at a step: linear warm-up then cosine decay; beta2 ramps 0.95 -> 0.999 along a cosine."""
+    """(lr, beta2) at a step of a phase of `total` steps: linear warm-up then cosine decay; beta2 ramps
+    0.95 -> 0.999 along a cosine."""
     progress = step / max(total, 1)
     lr = (
         cfg.lr * (step + 1) / warmup
@@ -233,10 +236,12 @@ def _load_checkpoint(path: Path, cfg: TrainConfig, resume: bool, provenance: dic
         raise GenddError(f"{path} is damaged ({type(err).__name__}): delete it, or pass --no-resume") from err
     if state["fingerprint"] != cfg.fingerprint():
         raise GenddError(f"{path} was written with other settings; delete it (or the output dir) or pass --no-resume")
-    if state["epoch"] + 1 > cfg.epochs:
+    if state["epoch"] + 1 > cfg.total_epochs:
+        extra = cfg.total_epochs - cfg.epochs  # a warm start before the budget
+        budget = f"--epochs {cfg.epochs}" + (f" + {extra} warm-start epochs" if extra else "")
         raise GenddError(
-            f"{path} holds {state['epoch'] + 1} trained epochs, more than --epochs {cfg.epochs}: pass --epochs "
-            f"{state['epoch'] + 1} or more (a larger value continues the run), or --no-resume"
+            f"{path} holds {state['epoch'] + 1} trained epochs, more than {budget}: pass --epochs "
+            f"{state['epoch'] + 1 - extra} or more (a larger value continues the run), or --no-resume"
         )
     found = state.get("provenance", {})
     keys = [*provenance, *(key for key in found if key not in provenance)]  # the teacher first: the likeliest mix-up
@@ -268,6 +273,14 @@ class _Run:
         """Steps of the whole run."""
         return sum(self.epoch_steps)
 
+    def phase(self, cfg: TrainConfig, epoch: int) -> tuple[int, int]:
+        """(first step, steps) of the schedule phase an epoch belongs to: the whole run, or, with the warm start
+        before the budget, the warm start and the budget each with their own warm-up and cosine."""
+        if not cfg.warmstart_before:
+            return 0, self.total_steps
+        split = sum(self.epoch_steps[: cfg.warmstart_epochs])
+        return (0, split) if epoch < cfg.warmstart_epochs else (split, self.total_steps - split)
+
 
 def _start_run(cfg: TrainConfig, data: TrainInput, input_size: int, ckpt_path: Path, resume: bool, provenance: dict):
     """Build model and optimizer, restore a checkpoint if one matches; returns (run, first epoch, history)."""
@@ -295,7 +308,7 @@ def _start_run(cfg: TrainConfig, data: TrainInput, input_size: int, ckpt_path: P
     has_proj = model.proj is not None
     model, optimizer = accelerator.prepare(model, optimizer)
     world = accelerator.num_processes
-    epoch_steps = [data.steps_per_epoch(cfg.seed, e, cfg.batch_size, world) for e in range(cfg.epochs)]
+    epoch_steps = [data.steps_per_epoch(cfg.seed, e, cfg.batch_size, world) for e in range(cfg.total_epochs)]
     warmup = max(1, int(cfg.warmup_epochs * epoch_steps[0]))
     data.place(accelerator.device)
     use_labels = cfg.objective.spec.supervised and data.info.labeled
@@ -345,16 +358,17 @@ def _train_epoch(run: _Run, cfg: TrainConfig, epoch: int, input_size: int) -> di
     plan = EpochPlan(cfg.seed, epoch, cfg.batch_size, acc.process_index, acc.num_processes, cfg.policy)
     warm = run.has_proj and epoch < cfg.warmstart_epochs
     first = sum(run.epoch_steps[:epoch])
+    phase_start, phase_steps = run.phase(cfg, epoch)
     sums: dict[str, torch.Tensor] = {}
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss, -1 = none
     steps = images = 0
     lr = cfg.lr
     started = time.perf_counter()
-    desc = f"{cfg.objective.method} epoch {epoch + 1}/{cfg.epochs}"
+    desc = f"{cfg.objective.method} epoch {epoch + 1}/{cfg.total_epochs}"
     bar = tqdm(total=run.epoch_steps[epoch], desc=desc, leave=False, disable=not acc.is_local_main_process)
     with _join(run):
         for batch in run.data.batches(plan):
-            lr, beta2 = schedule(first + steps, run.total_steps, run.warmup, cfg)
+            lr, beta2 = schedule(first + steps - phase_start, phase_steps, run.warmup, cfg)
             for group in run.optimizer.param_groups:
                 group["lr"], group["betas"] = lr * group["lr_mult"], (0.9, beta2)
             pixels = batch["images"].to(device, non_blocking=True)
@@ -407,7 +421,7 @@ def train(
     ckpt_path = out / "checkpoint.pt"
     run, start, history = _start_run(cfg, data, input_size, ckpt_path, resume, provenance)
     acc = run.accelerator
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(start, cfg.total_epochs):
         record = _train_epoch(run, cfg, epoch, input_size)
         if evaluate_fn is not None and acc.is_main_process:
             record.update(evaluate_fn(acc.unwrap_model(run.model)))

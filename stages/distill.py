@@ -48,8 +48,16 @@ def command(
     warmstart_epochs: int = typer.Option(
         default(T, "warmstart_epochs"), help="Stage-1 epochs: student -> Linear -> frozen teacher head."
     ),
+    warmstart_before: bool = typer.Option(
+        default(T, "warmstart_before"),
+        help="Run the warm start as its own stage before the --epochs budget (own warm-up and cosine), not within it.",
+    ),
     contraction: float = typer.Option(default(OBJ, "contraction"), help="Distribution Contraction lambda (0 = none)."),
     mixup_beta: float = typer.Option(default(OBJ, "mixup_beta"), help="Feature mixup Beta parameter (0 = off)."),
+    soft_anchor: float = typer.Option(
+        default(OBJ, "soft_anchor"),
+        help="Contraction anchor (a*onehot(y) + (1-a)*softmax(teacher logits)) @ W; 1 = hard W[y].",
+    ),
     kd_alpha: float = typer.Option(default(OBJ, "kd_alpha"), help="kd: weight of the KL term."),
     kd_tau: float = typer.Option(default(OBJ, "kd_tau"), help="kd: softmax temperature."),
     logit_adjust: float = typer.Option(
@@ -68,6 +76,13 @@ def command(
     ),
     target_norm: bool = typer.Option(
         default(H, "target_norm"), help="Standardise diffusion targets per dimension (off = paper's raw)."
+    ),
+    timestep_power: float = typer.Option(
+        default(H, "timestep_power"), help="Training timesteps T*u^p: 1 = uniform, < 1 = more high-noise steps."
+    ),
+    learn_sigma: bool = typer.Option(
+        default(H, "learn_sigma"),
+        help="Learned variance head (official): variational-bound loss; DDPM samples with it.",
     ),
     head_prediction: Prediction = typer.Option(
         default(H, "prediction"), help="What the head predicts: v_prediction, epsilon (paper) or sample (x0)."
@@ -97,6 +112,7 @@ def command(
         kd_alpha=kd_alpha,
         kd_tau=kd_tau,
         logit_adjust=logit_adjust,
+        soft_anchor=soft_anchor,
     )
     head = HeadSettings(
         token_dim=token_dim,
@@ -108,6 +124,8 @@ def command(
         lr_mult=head_lr_mult,
         target_norm=target_norm,
         probe_on_condition=probe_on_condition,
+        timestep_power=timestep_power,
+        learn_sigma=learn_sigma,
     )
     train = TrainConfig(
         model=student,
@@ -118,6 +136,7 @@ def command(
         weight_decay=weight_decay,
         warmup_epochs=warmup_epochs,
         warmstart_epochs=warmstart_epochs,
+        warmstart_before=warmstart_before,
         objective=objective,
         head=head,
         input_size=input_size,
