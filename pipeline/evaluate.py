@@ -1,9 +1,11 @@
-"""Evaluation: top-1/top-5 through the probe (the student's own classifier) and the generative path."""
+"""Evaluation: top-1/top-5 through the probe (the student's own classifier) and the generative path; optionally a
+refit linear probe on the frozen student features (does an accuracy gap come from the features or the readout?)."""
 
 from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -27,6 +29,14 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> flo
     return float(hits.float().mean() * 100)
 
 
+def identity_features(
+    student: nn.Module, images: torch.Tensor, input_size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
+    """Frozen student features (B, D_S) of uint8 images (B, C, H, W) through the identity view (no augmentation)."""
+    views = torch.tensor([IDENTITY], device=images.device).expand(len(images), 5)
+    return features(student.net, apply_views(images, views, input_size, mean, std))
+
+
 @torch.no_grad()
 def predict_batch(
     student: nn.Module,
@@ -38,12 +48,18 @@ def predict_batch(
     sampling: SamplingConfig | None = None,
     teacher_head: tuple[torch.Tensor, torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
+    keep_features: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Probe logits of uint8 images (B, C, H, W) on the student's device through the identity view and, when
-    `sampling` is set, generative-path logits (teacher head applied to the averaged generated teacher features)."""
-    views = torch.tensor([IDENTITY], device=images.device).expand(len(images), 5)
-    feats = features(student.net, apply_views(images, views, input_size, mean, std))  # (B, D_S)
+    `sampling` is set, generative-path logits (teacher head applied to the averaged generated teacher features).
+    With `keep_features`, also the frozen features (`features`, (B, D_S)) and, for a student with a head, its
+    normalised condition (`condition`): what the refit probe reads; they are not logits."""
+    feats = identity_features(student, images, input_size, mean, std)  # (B, D_S)
     out = {"probe": student.probe(feats).float()}
+    if keep_features:
+        out["features"] = feats.float()
+        if student.head is not None:
+            out["condition"] = student.head.condition(feats).float()
     if sampling is not None and student.head is not None and teacher_head is not None:
         z = student.head.condition(feats)
         f_t = student.head.sample(
@@ -202,8 +218,124 @@ def val_probe_evaluator(
     return evaluate_fn
 
 
+# ---- refit linear probe -------------------------------------------------------------------------------------------
+# A multinomial logistic regression fitted afresh on the frozen student features of the train split and scored on the
+# evaluated split: if it beats the student's own (trained) probe by much, the readout lost accuracy its features hold.
+REFIT_C = 1.0  # inverse L2 strength on standardised features; fixed, so runs compare
+REFIT_MAX_ITER = 1000  # lbfgs iterations: ~10-30 suffice on 10k x 512 features, the cap only guards odd cases
+REFIT_PATHS = {"features": "refit", "condition": "refit_z"}  # what predict_batch keeps -> metric prefix
+
+
+def _require_train_split(index, shards: str | Path) -> None:
+    if "train" not in index.splits:
+        raise GenddError(
+            f"{shards}: --refit fits its probe on the train split, but the shards have none (have "
+            f"{', '.join(index.splits)}); re-run gendd prepare with a spec that defines one, or drop --refit"
+        )
+
+
+def refit_train_features(
+    student: nn.Module,
+    card: dict,
+    shards: str | Path,
+    limit: int,
+    batch_size: int,
+    options: DataOptions,
+    device: torch.device,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Frozen identity-view features of the first `limit` samples of the train split (and the head's condition, for a
+    student with one), keyed as `predict_batch(keep_features=True)` keys them, rows in split order; and their labels.
+
+    Memory: unlike the rest of evaluation (running tallies), this holds min(limit, N_train) x D_S float32 per input
+    (10 000 x 512: 20 MB), so it grows with the split up to `limit` (--refit-samples); images are read in batches, in
+    memory or streamed as `options` says, like the evaluated split."""
+    from pipeline.shards import load_index
+
+    _require_train_split(load_index(shards), shards)
+    n, batches = eval_batches(shards, None, "train", batch_size, options, device)
+    take = min(n, limit)
+    parts: dict[str, list[np.ndarray]] = {}
+    labels, rows, seen, offset = [], [], 0, 0
+    size, mean, std = card["input_size"], tuple(card["mean"]), tuple(card["std"])
+    with tqdm(total=take, desc="refit: train features", unit="img", leave=False) as bar, torch.no_grad():
+        for batch in batches:
+            count = len(batch["labels"])
+            # memory batches come in split order; streamed ones carry their row (workers interleave shards)
+            where = torch.as_tensor(batch["index"]) if "index" in batch else torch.arange(offset, offset + count)
+            offset += count
+            keep = where < take
+            if not bool(keep.any()):
+                continue
+            images = batch["images"][keep].to(device, non_blocking=True)
+            out = predict_batch(student, images, size, mean, std, keep_features=True)
+            for name in REFIT_PATHS:
+                if name in out:
+                    parts.setdefault(name, []).append(out[name].cpu().numpy())
+            labels.append(torch.as_tensor(batch["labels"])[keep].numpy())
+            rows.append(where[keep].numpy())
+            seen += int(keep.sum())
+            bar.update(int(keep.sum()))
+            if seen >= take:
+                break
+    del batches  # a stream's loader workers end here, before the evaluated split starts its own
+    if not seen:
+        raise GenddError(f"{shards}: the train split is empty: --refit needs samples to fit on; drop --refit")
+    order = np.argsort(np.concatenate(rows), kind="stable")  # split order whatever the mode: the same fit
+    y = np.concatenate(labels)[order].astype(np.int64)
+    if (y < 0).any():
+        raise GenddError(
+            f"{shards}: the train split has unlabelled samples, but --refit fits its probe on train labels; "
+            "prepare the shards from a labelled spec, or drop --refit"
+        )
+    return {name: np.concatenate(values)[order] for name, values in parts.items()}, y
+
+
+def fit_refit_probes(train: dict[str, np.ndarray], labels: np.ndarray, num_classes: int) -> dict[str, tuple]:
+    """Per input: standardise (statistics of train) + multinomial logistic regression (lbfgs: deterministic, no seed);
+    returns {input: (pipeline, converged)}."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    present = np.unique(labels)
+    if len(present) < 2:
+        raise GenddError(
+            f"--refit: the first {len(labels)} train samples hold only class {present.tolist()}: a probe needs two "
+            "or more; raise --refit-samples"
+        )
+    if len(present) < num_classes:
+        print(
+            f"note: --refit: the first {len(labels)} train samples hold {len(present)} of {num_classes} classes; "
+            "the refit probe never predicts the others (raise --refit-samples)",
+            flush=True,
+        )
+    probes = {}
+    for name, x in train.items():
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=REFIT_C, max_iter=REFIT_MAX_ITER))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            model.fit(x, labels)
+        converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+        for w in caught:  # any other warning is shown as usual
+            if not issubclass(w.category, ConvergenceWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if not converged:
+            print(f"note: --refit: the {REFIT_PATHS[name]} probe stopped at {REFIT_MAX_ITER} iterations unconverged")
+        probes[name] = (model, converged)
+    return probes
+
+
+def refit_logits(model, x: np.ndarray, num_classes: int) -> torch.Tensor:
+    """(B, num_classes) log-probabilities of a fitted refit probe; -inf for classes train never showed it."""
+    out = torch.full((len(x), num_classes), -torch.inf)
+    out[:, torch.as_tensor(model.classes_)] = torch.from_numpy(model.predict_log_proba(x)).float()
+    return out
+
+
 # What `dvc metrics show` / `dvc exp show` list per run: the accuracies, rounded; the rest is in details.json.
 SHOWN_METRICS = ("probe_top1", "probe_top5", "generative_top1", "generative_top5", "teacher_top1")
+SHOWN_METRICS += ("refit_top1", "refit_z_top1")  # only with --refit
 
 
 def write_metrics(metrics: dict, out: str | Path, sampling: SamplingConfig | None) -> None:
@@ -251,14 +383,19 @@ def run_evaluation(
     batch_size: int = 256,
     device: str | None = None,
     data: DataOptions | None = None,
+    refit: bool = False,
+    refit_samples: int = 50_000,
 ) -> dict:
-    """Evaluate an exported student on a split: both paths, the teacher's own accuracy, per-class; write JSON + plot."""
+    """Evaluate an exported student on a split: both paths, the teacher's own accuracy, per-class; write JSON + plot.
+    With `refit`, also a linear probe fitted on the frozen features of the first `refit_samples` train samples
+    (`refit_top1`; on the head's condition: `refit_z_top1`), scored in the same pass over the split."""
     from pipeline.locations import check_readable
     from pipeline.shards import load_index
     from pipeline.store import open_cache
     from pipeline.train import load_student
 
     require(batch_size >= 1, "batch_size", ">= 1", batch_size)
+    require(refit_samples >= 1, "refit_samples", ">= 1", refit_samples)
     for location in (shards, cache):
         if location is not None:
             check_readable(location)
@@ -266,6 +403,8 @@ def run_evaluation(
     index = load_index(shards)
     if not index.labeled:
         raise GenddError(f"{shards} has no labels: accuracy needs a labelled {split} split")
+    if refit:
+        _require_train_split(index, shards)  # before any work
     student, card = load_student(student_dir)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     teacher_head, metrics = None, {"method": card["extra"]["method"], "student": card["name"]}
@@ -280,8 +419,27 @@ def run_evaluation(
             )
         teacher_head = (torch.from_numpy(store.head_weight).float(), torch.from_numpy(store.head_bias).float())
     use_sampling = sampling if student.head is not None and teacher_head is not None else None
+    student = student.to(dev).eval()
+    probes, refit_details, scoring_seconds = {}, {}, 0.0
+    if refit:  # fitted first: the pass over the split then scores it without holding the split's features
+        started = time.perf_counter()
+        student = student.to(dev).eval()
+        train, labels = refit_train_features(
+            student, card, shards, refit_samples, batch_size, data or DataOptions(), dev
+        )
+        fit_started = time.perf_counter()
+        probes = fit_refit_probes(train, labels, card["num_classes"])
+        del train
+        refit_details = {
+            "refit_seconds": time.perf_counter() - started,  # + the scoring in the pass below
+            "refit_fit_seconds": time.perf_counter() - fit_started,
+            "refit_train_samples": len(labels),
+            "refit_converged": all(converged for _, converged in probes.values()),
+            "refit_C": REFIT_C,
+        }
     n, batches = eval_batches(shards, cache, split, batch_size, data or DataOptions(), dev)
     tallies = {name: Tally(card["num_classes"]) for name in ("probe", "generative", "teacher")}
+    tallies |= {REFIT_PATHS[name]: Tally(card["num_classes"]) for name in probes}
     student = student.to(dev).eval()
     generator = torch.Generator(dev).manual_seed(use_sampling.seed) if use_sampling else None
     started = time.perf_counter()
@@ -297,7 +455,15 @@ def run_evaluation(
                 sampling=use_sampling,
                 teacher_head=teacher_head,
                 generator=generator,
+                keep_features=bool(probes),
             )
+            if probes:
+                scoring = time.perf_counter()
+                for name, (model, _) in probes.items():
+                    x = logits.pop(name).cpu().numpy()
+                    logits[REFIT_PATHS[name]] = refit_logits(model, x, card["num_classes"])
+                logits.pop("condition", None)  # a head's condition, when only the raw features were refit
+                scoring_seconds += time.perf_counter() - scoring
             if "teacher_logits" in batch:
                 logits["teacher"] = batch["teacher_logits"]
             for name, values in logits.items():
@@ -307,11 +473,15 @@ def run_evaluation(
     for name, tally in tallies.items():
         if tally.n:
             summary = tally.summary(name)
-            if name == "teacher":  # the teacher's own accuracy: scalars only (the per-class plot is the student's)
-                summary.pop("teacher_per_class")
+            if name not in ("probe", "generative"):  # teacher, refit: scalars only (the plot is the student's paths)
+                summary.pop(f"{name}_per_class")
             metrics.update(summary)
     if "generative_top1" in metrics:
         metrics["probe_minus_generative"] = metrics["probe_top1"] - metrics["generative_top1"]
+    if refit:  # refit_seconds: the train pass, the fit and the scoring; eval_seconds keeps the student's own pass
+        metrics["eval_seconds"] -= scoring_seconds
+        refit_details["refit_seconds"] += scoring_seconds
+        metrics |= refit_details | {"refit_minus_probe": metrics["refit_top1"] - metrics["probe_top1"]}
     train_json = student_dir / "train.json"
     if train_json.is_file():
         metrics["train_seconds"] = json.loads(train_json.read_text())["train_seconds"]

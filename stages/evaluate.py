@@ -28,6 +28,14 @@ def command(
     seed: int = typer.Option(default(S, "seed"), help="Seed of the sampler's noise."),
     data: DataMode = typer.Option(default(D, "mode"), help=DATA_HELP),
     workers: int = typer.Option(default(D, "workers"), help=WORKERS_HELP),
+    refit: bool = typer.Option(
+        False,
+        help="Also fit a logistic-regression probe on the frozen student features of the train split (and on the "
+        "head's condition) and score it here: refit_top1 / refit_z_top1 (features vs trained readout).",
+    ),
+    refit_samples: int = typer.Option(
+        50_000, help="--refit: fit on the first N train samples (their features are held in memory: N x D float32)."
+    ),
 ) -> None:
     """Evaluate a student; writes metrics.json (the scalars DVC shows), details.json and a per-class plot."""
     from pipeline.evaluate import run_evaluation
@@ -39,7 +47,18 @@ def command(
     options = DataOptions(mode=data, workers=workers)
     where = "cpu" if use_cpu(device) else (None if device == "auto" else "cuda")
     m = run_evaluation(
-        shards, cache, student_dir, out, sampling, split=split, batch_size=batch_size, device=where, data=options
+        shards,
+        cache,
+        student_dir,
+        out,
+        sampling,
+        split=split,
+        batch_size=batch_size,
+        device=where,
+        data=options,
+        refit=refit,
+        refit_samples=refit_samples,
     )
-    parts = [f"{k}={m[k]:.2f}" for k in ("probe_top1", "generative_top1", "teacher_top1") if k in m]
+    shown = ("probe_top1", "generative_top1", "teacher_top1", "refit_top1", "refit_z_top1")
+    parts = [f"{k}={m[k]:.2f}" for k in shown if k in m]
     typer.echo(f"{m['method']} {m['student']}: " + " ".join(parts) + f" -> {out}/metrics.json")
