@@ -32,6 +32,7 @@ METHOD_SPECS = {
 METHODS = tuple(METHOD_SPECS)
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 SAMPLERS = ("ddpm", "ddim", "dpmsolver")
+SPACINGS = ("leading", "trailing", "linspace")  # diffusers' timestep_spacing; the official code's is linspace
 POLICIES = ("rrc", "pad_crop", "flip", "none")
 DATA_MODES = ("auto", "memory", "stream")
 CODECS = ("zstd", "lz4", "none", "bf16", "int8")
@@ -233,9 +234,14 @@ class SamplingConfig:
     cfg_scale: float = 2.0
     n_samples: int = 5
     seed: int = 0
+    # Which timesteps a short schedule visits: leading (10 steps: 900, 800, ..., 0), trailing (999, 899, ..., 99) or
+    # linspace (999 ... 0, both ends; the official code's). Starting at 999 suits v- and x0-prediction; leading
+    # skips the cosine schedule's last steps, where an epsilon head's x0 estimate (x - sigma * eps) / alpha blows up.
+    spacing: str = "leading"
 
     def __post_init__(self) -> None:
         require_choice("sampler", self.sampler, SAMPLERS)
+        require_choice("spacing", self.spacing, SPACINGS)
         require(self.steps >= 1, "steps", ">= 1", self.steps)
         require(math.isfinite(self.cfg_scale) and self.cfg_scale >= 0, "cfg_scale", ">= 0 (1 = none)", self.cfg_scale)
         require(self.n_samples >= 1, "n_samples", ">= 1", self.n_samples)

@@ -68,6 +68,7 @@ def predict_batch(
             cfg_scale=sampling.cfg_scale,
             sampler=sampling.sampler,
             steps=sampling.steps,
+            spacing=sampling.spacing,
             generator=generator,
         )
         weight, bias = (t.to(images.device) for t in teacher_head)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import Tensor, nn
 
-from pipeline.config import PREDICTIONS, SAMPLERS, HeadSettings
+from pipeline.config import PREDICTIONS, SAMPLERS, SPACINGS, HeadSettings
 from pipeline.errors import GenddError
 
 TIME_FREQ_DIM = 256
@@ -163,14 +163,20 @@ class Denoiser(nn.Module):
         return self.final(h, c)
 
 
-def make_scheduler(sampler: str, cfg: HeadConfig) -> DDPMScheduler | DDIMScheduler | DPMSolverMultistepScheduler:
-    """A fresh diffusers scheduler of the named kind on the head's training noise schedule."""
+def make_scheduler(
+    sampler: str, cfg: HeadConfig, spacing: str = "leading"
+) -> DDPMScheduler | DDIMScheduler | DPMSolverMultistepScheduler:
+    """A fresh diffusers scheduler of the named kind on the head's training noise schedule, visiting timesteps as
+    `spacing` says (SamplingConfig.spacing)."""
+    if spacing not in SPACINGS:
+        raise GenddError(f"timestep spacing {spacing!r} is unknown: choose one of {', '.join(SPACINGS)}")
     common = {
         "num_train_timesteps": cfg.num_train_steps,
         "beta_schedule": cfg.beta_schedule,
         "prediction_type": cfg.prediction,
+        "timestep_spacing": spacing,
     }
-    # Features are not images: no clipping of x0 to [-1, 1]. "leading" spacing never visits the cosine
+    # Features are not images: no clipping of x0 to [-1, 1]. "leading" spacing (the default) never visits the cosine
     # schedule's last steps, where alpha_bar ~ 1e-8 would blow up the x0 estimate (x - sigma * eps) / alpha.
     if sampler == "ddpm":  # the only sampler that draws with the learned variance
         variance = "learned_range" if cfg.learn_sigma else "fixed_small"
@@ -178,7 +184,7 @@ def make_scheduler(sampler: str, cfg: HeadConfig) -> DDPMScheduler | DDIMSchedul
     if sampler == "ddim":
         return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True)
     if sampler == "dpmsolver":
-        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", timestep_spacing="leading")
+        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++")
     raise GenddError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
 
 
@@ -339,13 +345,14 @@ class GenerativeHead(nn.Module):
         sampler: str = "ddim",
         steps: int = 25,
         generator: torch.Generator | None = None,
+        spacing: str = "leading",
     ) -> Tensor:
         """Mean of n_samples generated teacher features (B, D_T) per condition z (B, D_S)."""
         self._check_dims(z)
         if n_samples < 1 or steps < 1:
             raise GenddError(f"n_samples and steps must be positive, got {n_samples} and {steps}")
         cfg = self.config
-        scheduler = make_scheduler(sampler, cfg)  # stateful (multistep history), so one per call
+        scheduler = make_scheduler(sampler, cfg, spacing)  # stateful (multistep history), so one per call
         scheduler.set_timesteps(steps, device=z.device)
         b = z.shape[0]
         z_rows = z.repeat(n_samples, 1)[:, None, :]  # (n * B, 1, D_S)

@@ -359,6 +359,10 @@ def _train_epoch(run: _Run, cfg: TrainConfig, epoch: int, input_size: int) -> di
     warm = run.has_proj and epoch < cfg.warmstart_epochs
     first = sum(run.epoch_steps[:epoch])
     phase_start, phase_steps = run.phase(cfg, epoch)
+    if cfg.warmstart_before and epoch == cfg.warmstart_epochs:
+        # The budget starts as a separate run would (the official recipes reload stage 1's weights only): a fresh
+        # optimizer state. A resume after this epoch restores the budget's own state from the checkpoint.
+        run.optimizer.state.clear()
     sums: dict[str, torch.Tensor] = {}
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss, -1 = none
     steps = images = 0

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from pipeline.config import DataOptions, SamplingConfig
-from stages.options import DATA_HELP, DEVICE_HELP, WORKERS_HELP, DataMode, Device, Sampler, default
+from stages.options import DATA_HELP, DEVICE_HELP, WORKERS_HELP, DataMode, Device, Sampler, Spacing, default
 
 S, D = SamplingConfig, DataOptions
 
@@ -20,6 +20,9 @@ def command(
     split: str = typer.Option("val", help="Which split of the shards to evaluate on."),
     sampler: Sampler = typer.Option(default(S, "sampler"), help="Diffusion sampler of the generative path."),
     steps: int = typer.Option(default(S, "steps"), help="Sampler steps."),
+    spacing: Spacing = typer.Option(
+        default(S, "spacing"), help="Timesteps visited: leading (10 steps: 900..0), trailing (999..99), linspace."
+    ),
     cfg_scale: float = typer.Option(default(S, "cfg_scale"), help="Classifier-free guidance scale (1 = none)."),
     n_samples: int = typer.Option(default(S, "n_samples"), help="Samples averaged per image."),
     fast: bool = typer.Option(False, help="Probe path only: skip sampling."),
@@ -43,7 +46,9 @@ def command(
 
     sampling = None
     if not fast:
-        sampling = SamplingConfig(sampler=sampler, steps=steps, cfg_scale=cfg_scale, n_samples=n_samples, seed=seed)
+        sampling = SamplingConfig(
+            sampler=sampler, steps=steps, cfg_scale=cfg_scale, n_samples=n_samples, seed=seed, spacing=spacing
+        )
     options = DataOptions(mode=data, workers=workers)
     where = "cpu" if use_cpu(device) else (None if device == "auto" else "cuda")
     m = run_evaluation(

@@ -16,6 +16,7 @@ from pipeline.config import (
     POLICIES,
     PREDICTIONS,
     SAMPLERS,
+    SPACINGS,
 )
 from pipeline.errors import GenddError
 
@@ -23,6 +24,7 @@ from pipeline.errors import GenddError
 Method = Literal[METHODS]
 Prediction = Literal[PREDICTIONS]
 Sampler = Literal[SAMPLERS]
+Spacing = Literal[SPACINGS]
 Policy = Literal[POLICIES]
 DataMode = Literal[DATA_MODES]
 Codec = Literal[CODECS]
