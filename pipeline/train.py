@@ -192,9 +192,10 @@ def check_data_serves(cfg: TrainConfig, info: InputInfo) -> None:
 
 
 def param_groups(model: Student, weight_decay: float, head_lr_mult: float = 1.0) -> list[dict]:
-    """Official grouping (decay on backbone weight matrices; none on norms and biases), plus a group for the
-    generative head and the detached linear probe: no decay, lr x head_lr_mult (they start from scratch and must
-    converge within a short budget; the probe never feeds gradient to the backbone)."""
+    """The usual grouping (decay on backbone weight matrices; none on norms and biases, which the official code
+    decays: docs/official_recipe.md), plus a group for the generative head and the detached linear probe: no decay,
+    lr x head_lr_mult (they start from scratch and must converge within a short budget; the probe never feeds
+    gradient to the backbone)."""
     fast = {id(p) for p in model.head.parameters()} if model.head is not None else set()
     if model.head is not None:
         fast |= {id(p) for p in model.net.get_classifier().parameters()}
