@@ -86,10 +86,13 @@ def test_table_rows_against_kd_of_the_same_student_and_seed(tmp_path: Path) -> N
         ("b", "kd", 0), ("b", "kd", 1), ("b", "gendd", 0), ("b", "gendd", 1),
     ]  # fmt: skip
     lines = table.markdown(rows).splitlines()[2:]
-    assert lines[2] == "| balanced | a | gendd | 0 | 81.50 | 80.50 | +1.50 | 90.00 |  | 12 |"
+    assert lines[2] == "| balanced | a | gendd | 0 | 81.50 | 80.50 | +1.50 | - | 90.00 |  | 12 |"
     assert lines[3].split(" | ")[6] == "-1.00"  # seed 1 against seed 1's KD (79.00), not seed 0's
     assert lines[7].split(" | ")[6] == "+1.25"
     assert lines[0].split(" | ")[5:7] == ["-", "+0.00"]
+    means = table.seed_means(rows).splitlines()[2:]
+    assert means[1] == "| balanced | a | gendd | 0, 1 | 79.75 | 78.75 | +0.25 | - |"  # (81.5 + 78) / 2 - 79.5
+    assert means[3].split(" | ")[6] == "+0.12"  # b: 70.625 - 70.5
 
 
 def test_table_names_a_missing_run(tmp_path: Path) -> None:

@@ -18,8 +18,12 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 COLUMNS = (
-    "| part | student | method | seed | probe top-1 | generative top-1 | probe - KD | teacher | many / medium / few "
-    "| train+eval s |\n| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"
+    "| part | student | method | seed | probe top-1 | generative top-1 | probe - KD | refit top-1 | teacher "
+    "| many / medium / few | train+eval s |\n| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"
+)
+MEAN_COLUMNS = (
+    "| part | student | method | seeds | probe top-1 | generative top-1 | probe - KD | refit top-1 |\n"
+    "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"
 )
 
 
@@ -75,7 +79,33 @@ def markdown(rows: list[dict]) -> str:
         seconds = r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0)
         lines.append(
             f"| {r['part']} | {r['student']} | {r['method']} | {r['seed']} | {_fmt(r['probe_top1'])} | "
-            f"{_fmt(r.get('generative_top1'))} | {delta} | {_fmt(r.get('teacher_top1'))} | {shots} | {seconds:.0f} |"
+            f"{_fmt(r.get('generative_top1'))} | {delta} | {_fmt(r.get('refit_top1'))} | {_fmt(r.get('teacher_top1'))} "
+            f"| {shots} | {seconds:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if len(present) == len(values) and present else None
+
+
+def seed_means(rows: list[dict]) -> str:
+    """Mean over seeds of every (student, method); probe - KD against the mean of the same student's KD (or KL)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["student"], r["method"]), []).append(r)
+    lines = [MEAN_COLUMNS]
+    for (student, method), runs in groups.items():
+        probe = _mean([r["probe_top1"] for r in runs])
+        base = next((g for (s, m), g in groups.items() if s == student and m in ("kd", "kl")), None)
+        base_probe = _mean([r["probe_top1"] for r in base]) if base else None
+        delta = "-" if base_probe is None or probe is None else f"{probe - base_probe:+.2f}"
+        seeds = ", ".join(str(r["seed"]) for r in runs)
+        gen, refit = (_mean([r.get(k) for r in runs]) for k in ("generative_top1", "refit_top1"))
+        lines.append(
+            f"| {runs[0]['part']} | {student} | {method} | {seeds} | {_fmt(probe)} | {_fmt(gen)} | {delta} | "
+            f"{_fmt(refit)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -108,7 +138,7 @@ def main() -> None:
         f"# Fashion-MNIST accuracy, {args.part} ({params['profile']} profile)\n\n"
         f"{date}, {machine}. Seeds: {params['seeds']}. Command: `cd benchmarks/fmnist && dvc repro table@{args.part}`"
         f" (benchmarks/fmnist/params.yaml). Options of every stage: `{json.dumps(profile)}`; the rest are "
-        "the commands' defaults.\n\n" + markdown(rows)
+        "the commands' defaults.\n\n" + markdown(rows) + "\nMean over seeds:\n\n" + seed_means(rows)
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
