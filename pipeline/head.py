@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import Tensor, nn
 
 from pipeline.config import PREDICTIONS, SAMPLERS, SPACINGS, HeadSettings
 from pipeline.errors import GenddError
+
+if TYPE_CHECKING:
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 TIME_FREQ_DIM = 256
 
@@ -170,6 +173,9 @@ def make_scheduler(
     `spacing` says (SamplingConfig.spacing)."""
     if spacing not in SPACINGS:
         raise GenddError(f"timestep spacing {spacing!r} is unknown: choose one of {', '.join(SPACINGS)}")
+    # Imported here: diffusers pulls in much of torch's compiler stack, a quarter of the CLI's start-up otherwise.
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
     common = {
         "num_train_timesteps": cfg.num_train_steps,
         "beta_schedule": cfg.beta_schedule,
