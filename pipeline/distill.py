@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from pipeline.config import POLICIES, DataOptions
 from pipeline.data import train_device
 from pipeline.errors import GenddError
-from pipeline.evaluate import val_probe_evaluator
+from pipeline.evaluate import refit_readout, val_probe_evaluator
 from pipeline.locations import check_readable
 from pipeline.models import ModelCard, feature_dim, save_model
 from pipeline.outputs import atomic_path, check_writable, write_json, write_text
@@ -54,6 +54,9 @@ class DistillConfig:
     resume: bool = True
     data: DataOptions = field(default_factory=DataOptions)
     work_dir: str | Path | None = None  # checkpoint.pt and live/ (default: `out`); DVC caches `out` only
+    # After training, refit the student's own classifier on its frozen train-split features (logistic regression, as
+    # `gendd evaluate --refit`): the readout of the features it learned, instead of the probe trained alongside them.
+    refit_readout: bool = False
 
 
 def _input_size(cfg: DistillConfig) -> int:
@@ -126,6 +129,13 @@ def distill(cfg: DistillConfig) -> dict:
     started = time.perf_counter()
     live = live_logger(work / "live")
     student, history = train(cfg.train, data, work, size, evaluator, cfg.resume, origin, live)
+    readout = None
+    if cfg.refit_readout and PartialState().is_main_process:
+        readout = refit_readout(student, cfg.shards, size, info.mean, info.std, options=cfg.data)
+        if evaluator is not None:
+            readout |= {"val_probe_top1": evaluator(student)["val_probe_top1"]}
+        checked = f", val probe top-1 {readout['val_probe_top1']:.2f}%" if "val_probe_top1" in readout else ""
+        print(f"readout refit on {readout['samples']} training images{checked}", flush=True)
     seconds = time.perf_counter() - started
     summary = {
         "method": cfg.train.objective.method,
@@ -134,6 +144,7 @@ def distill(cfg: DistillConfig) -> dict:
         "train_seconds": sum(r["seconds"] for r in history),
         "wall_seconds": seconds,
         "final": history[-1] if history else {},
+        **({"refit_readout": readout} if readout else {}),
     }
     if not PartialState().is_main_process:  # under `accelerate launch`, one process writes the outputs
         return summary
@@ -153,6 +164,7 @@ def distill(cfg: DistillConfig) -> dict:
             "head": head_cfg,
             "probe": cfg.train.objective.spec.probe,
             "probe_input": "condition" if student.probe_on_condition else "feature",
+            "readout": "refit" if readout else "trained",
             "provenance": origin,
         },
     )

@@ -327,6 +327,42 @@ def fit_refit_probes(train: dict[str, np.ndarray], labels: np.ndarray, num_class
     return probes
 
 
+def refit_readout(
+    student: nn.Module,
+    shards: str | Path,
+    input_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    *,
+    options: DataOptions | None = None,
+    limit: int = 50_000,
+    device: torch.device | None = None,
+) -> dict:
+    """Replace the student's own classifier by the refit probe (the same fit as `--refit` in evaluation) on the input
+    it reads (the feature, or the condition), the standardisation folded into the linear layer: the exported student
+    stays a plain timm network. Returns what the fit did (samples, convergence, seconds)."""
+    started = time.perf_counter()
+    device = device or torch.device("cpu")
+    card = {"input_size": input_size, "mean": mean, "std": std}
+    student = student.to(device).eval()
+    train, labels = refit_train_features(student, card, shards, limit, 256, options or DataOptions(), device)
+    name = "condition" if getattr(student, "probe_on_condition", False) else "features"
+    classifier = student.net.get_classifier()
+    (model, converged) = fit_refit_probes({name: train[name]}, labels, classifier.out_features)[name]
+    scaler, logistic = model[0], model[-1]
+    coef, intercept = logistic.coef_, logistic.intercept_
+    if coef.shape[0] == 1:  # two classes: sklearn keeps one logit; split it evenly (same argmax and softmax)
+        coef, intercept = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
+    weight = np.zeros(tuple(classifier.weight.shape))
+    bias = np.full(classifier.out_features, -1e4)  # a class the fit never saw is never predicted
+    weight[logistic.classes_] = coef / scaler.scale_  # (x - mu) / s @ c.T + b  ==  x @ (c / s).T + (b - c @ mu / s)
+    bias[logistic.classes_] = intercept - (coef * scaler.mean_ / scaler.scale_).sum(axis=1)
+    with torch.no_grad():
+        classifier.weight.copy_(torch.from_numpy(weight))
+        classifier.bias.copy_(torch.from_numpy(bias))
+    return {"input": name, "samples": len(labels), "converged": converged, "seconds": time.perf_counter() - started}
+
+
 def refit_logits(model, x: np.ndarray, num_classes: int) -> torch.Tensor:
     """(B, num_classes) log-probabilities of a fitted refit probe; -inf for classes train never showed it."""
     out = torch.full((len(x), num_classes), -torch.inf)

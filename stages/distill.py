@@ -91,6 +91,9 @@ def command(
         default(H, "probe_on_condition"),
         help="GenDD: train the probe on the head's normalised condition (detached), not the raw feature.",
     ),
+    refit_readout: bool = typer.Option(
+        False, help="After training, refit the student's classifier on its frozen train features (logistic regression)."
+    ),
     input_size: int | None = typer.Option(None, help="Student input size (default: the teacher's)."),
     policy: Policy = typer.Option(default(T, "policy").kind, help=POLICY_HELP + " Used without a cache (ce)."),
     seed: int = typer.Option(default(T, "seed"), help="Seed of initialisation, sample order and views."),
@@ -147,15 +150,23 @@ def command(
     )
     options = DataOptions(mode=data, workers=workers, shuffle_buffer=shuffle_buffer)
     config = DistillConfig(
-        shards=shards, cache=cache, out=out, train=train, resume=resume, data=options, work_dir=work_dir
+        shards=shards,
+        cache=cache,
+        out=out,
+        train=train,
+        resume=resume,
+        data=options,
+        work_dir=work_dir,
+        refit_readout=refit_readout,
     )
     typer.echo(result_line(distill(config), train, out))
 
 
 def result_line(summary: dict, train: TrainConfig, out: str) -> str:
     """What `gendd distill` prints when done: run, epochs and time, the last val probe top-1, the exported weights."""
-    top1 = summary["final"].get("val_probe_top1")
+    top1 = summary.get("refit_readout", summary["final"]).get("val_probe_top1")
+    readout = " (refit readout)" if "refit_readout" in summary else ""
     return (
         f"{train.objective.method} {train.model}: {summary['epochs']} epochs in {summary['train_seconds']:.1f}s, "
-        f"val probe top-1 {'n/a' if top1 is None else f'{top1:.2f}%'} -> {out}/student.safetensors"
+        f"val probe top-1{readout} {'n/a' if top1 is None else f'{top1:.2f}%'} -> {out}/student.safetensors"
     )

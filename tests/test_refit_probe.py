@@ -145,3 +145,19 @@ def test_a_probe_needs_two_classes_and_unseen_classes_are_never_predicted(capsys
 
     logits = refit_logits(model, x, 3)
     assert torch.isinf(logits[:, 2]).all() and (logits.argmax(1).numpy() == labels).mean() > 0.9
+
+
+def test_distill_refit_readout_exports_the_refit_probe(world: World) -> None:
+    """`distill --refit-readout` folds the refit probe into the student's classifier: its probe top-1 is then the
+    refit top-1 of the same features, and the student stays a plain timm network."""
+    out = world.root / "gendd-refit"
+    args = ["distill", "--shards", world.shards, "--cache", world.cache, "--out", out, "--method", "gendd"]
+    main([*map(str, args), *TINY_DISTILL, "--refit-readout"])
+    card = json.loads((out / "student.json").read_text())
+    train = json.loads((out / "train.json").read_text())
+    assert card["extra"]["readout"] == "refit" and train["refit_readout"]["samples"] > 0
+    before = evaluate(world, world.gendd, "gendd-trained", "--refit", "--fast")
+    after = evaluate(world, out, "gendd-refitted", "--refit", "--fast")
+    assert after["refit_top1"] == before["refit_top1"]  # the same features (the run is seeded alike)
+    assert abs(after["probe_top1"] - before["refit_top1"]) <= 0.6  # the folded fit predicts as the refit probe
+    assert after["probe_top1"] > before["probe_top1"] + 10  # the 1-epoch trained probe is far behind its features
