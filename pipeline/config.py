@@ -32,6 +32,7 @@ METHOD_SPECS = {
 METHODS = tuple(METHOD_SPECS)
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 SAMPLERS = ("ddpm", "ddim", "dpmsolver")
+REFIT_SAMPLES = 50_000  # train samples a refit probe fits on by default (their features are held: N x D_S float32)
 SPACINGS = ("leading", "trailing", "linspace")  # diffusers' timestep_spacing; the official code's is linspace
 POLICIES = ("rrc", "pad_crop", "flip", "none")
 DATA_MODES = ("auto", "memory", "stream")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.config import DataOptions, SamplingConfig
+from pipeline.config import REFIT_SAMPLES, DataOptions, SamplingConfig
 from pipeline.errors import GenddError, require
 from pipeline.models import features
 from pipeline.outputs import check_writable, save_figure, write_json
@@ -335,7 +335,7 @@ def refit_readout(
     std: tuple[float, ...],
     *,
     options: DataOptions | None = None,
-    limit: int = 50_000,
+    limit: int = REFIT_SAMPLES,
     device: torch.device | None = None,
 ) -> dict:
     """Replace the student's own classifier by the refit probe (the same fit as `--refit` in evaluation) on the input
@@ -346,7 +346,7 @@ def refit_readout(
     card = {"input_size": input_size, "mean": mean, "std": std}
     student = student.to(device).eval()
     train, labels = refit_train_features(student, card, shards, limit, 256, options or DataOptions(), device)
-    name = "condition" if getattr(student, "probe_on_condition", False) else "features"
+    name = "condition" if student.probe_on_condition else "features"
     classifier = student.net.get_classifier()
     (model, converged) = fit_refit_probes({name: train[name]}, labels, classifier.out_features)[name]
     scaler, logistic = model[0], model[-1]
@@ -421,7 +421,7 @@ def run_evaluation(
     device: str | None = None,
     data: DataOptions | None = None,
     refit: bool = False,
-    refit_samples: int = 50_000,
+    refit_samples: int = REFIT_SAMPLES,
 ) -> dict:
     """Evaluate an exported student on a split: both paths, the teacher's own accuracy, per-class; write JSON + plot.
     With `refit`, also a linear probe fitted on the frozen features of the first `refit_samples` train samples

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.config import DataOptions, SamplingConfig
+from pipeline.config import REFIT_SAMPLES, DataOptions, SamplingConfig
 from stages.options import DATA_HELP, DEVICE_HELP, WORKERS_HELP, DataMode, Device, Sampler, Spacing, default
 
 S, D = SamplingConfig, DataOptions
@@ -37,7 +37,7 @@ def command(
         "head's condition) and score it here: refit_top1 / refit_z_top1 (features vs trained readout).",
     ),
     refit_samples: int = typer.Option(
-        50_000, help="--refit: fit on the first N train samples (their features are held in memory: N x D float32)."
+        REFIT_SAMPLES, help="--refit: fit on the first N train samples (held in memory: N x D float32)."
     ),
 ) -> None:
     """Evaluate a student; writes metrics.json (the scalars DVC shows), details.json and a per-class plot."""
