@@ -101,6 +101,38 @@ def test_table_names_a_missing_run(tmp_path: Path) -> None:
         _table_module().read_rows("unlabeled", tmp_path, params)
 
 
+def test_ideas_record_reads_every_run_and_draws_both_panels(tmp_path: Path) -> None:
+    """benchmarks/fmnist/ideas.py: one row per (idea, evaluation, seed) with the distill options of its log; an
+    evaluation without details.json is left out; the figure has a GenDD panel against KD and one against KL."""
+    spec = importlib.util.spec_from_file_location("fmnist_ideas", BENCH / "ideas.py")
+    ideas = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ideas)
+    runs = tmp_path / "runs"
+    for idea, method, options, probe in [
+        ("base", "gendd", "", 87.0),
+        ("tpow", "gendd", "--timestep-power 0.5", 88.0),
+        ("kd", "kd", "--method kd", 89.0),
+        ("unsup", "gendd_unsup", "--method gendd_unsup", 86.0),
+        ("kl", "kl", "--method kl", 87.5),
+    ]:
+        for seed in (0, 1):
+            run = runs / idea / f"s{seed}"
+            (run / "eval").mkdir(parents=True)
+            (run / "log.txt").write_text(f"== 2026-12-01T00:00:00Z distill {idea} s{seed}: {options}\nmore\n")
+            details = {"method": method, "probe_top1": probe + seed, "refit_top1": probe + 1, "sampling": {}}
+            (run / "eval" / "details.json").write_text(json.dumps(details))
+    (runs / "base" / "s0" / "eval-ddpm").mkdir()  # an evaluation still running: no details.json yet
+    rows = ideas.read_runs(runs)
+    assert len(rows) == 10
+    tpow = [r for r in rows if r["idea"] == "tpow"]
+    assert [r["seed"] for r in tpow] == [0, 1] and tpow[1]["probe_top1"] == 89.0
+    assert tpow[0]["options"] == "--timestep-power 0.5" and tpow[0]["generative_top1"] is None
+    out = tmp_path / "out" / "record"
+    out.parent.mkdir()
+    assert ideas.plot(rows, out.with_suffix(".png")) == [("kd", "gendd"), ("kl", "gendd_unsup")]
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
 def test_shot_groups() -> None:
     groups = _table_module().shot_groups([90.0, 80.0, 60.0, 40.0], [5000, 1000, 500, 50])
     assert groups == {"many": 85.0, "medium": 60.0, "few": 40.0}
