@@ -64,7 +64,7 @@ def plot(rows: list[dict], path: Path) -> list[tuple[str, str]]:
     for r in rows:
         ideas.setdefault(r["idea"], []).append(r)
     panels = [(base, method) for base, method in BASELINES.items() if any(r["method"] == method for r in rows)]
-    heights = [sum(g[0]["method"] == m for g in ideas.values()) for _, m in panels]
+    heights = [max(2, sum(g[0]["method"] == m for g in ideas.values())) for _, m in panels]
     fig, axes = plt.subplots(
         len(panels), 1, figsize=(10, 1.2 + 0.38 * sum(heights)), squeeze=False, gridspec_kw={"height_ratios": heights}
     )
@@ -84,8 +84,8 @@ def plot(rows: list[dict], path: Path) -> list[tuple[str, str]]:
             m = _mean([r[key] for r in ideas.get(base, [])])
             if m is not None:
                 ax.axvline(m, color=color, ls="--", lw=1, label=f"{base.upper()} {key.split('_')[0]} {m:.2f}")
-        labels = [f"{n}: {ideas[n][0]['options'] or '-'}".replace(f"--method {method}", "").strip() for n in names]
-        ax.set_yticks(range(len(names)), [label.rstrip(": -") if label.endswith(": -") else label for label in labels])
+        options = [ideas[n][0]["options"].replace(f"--method {method}", "").strip() for n in names]
+        ax.set_yticks(range(len(names)), [f"{n}: {o}" if o else n for n, o in zip(names, options, strict=True)])
         ax.invert_yaxis()
         ax.grid(axis="x", alpha=0.3)
         ax.set_title(
