@@ -154,7 +154,12 @@ def test_repro_of_a_part_writes_its_table(tmp_path: Path) -> None:
         (root / "data_specs" / f"{spec}.yaml").write_text(yaml.safe_dump({**digits, "name": spec}))
     params_path = root / "benchmarks" / "fmnist" / "params.yaml"
     params = yaml.safe_load(params_path.read_text())
-    params |= {"profile": "test", "source-data": "../../data_specs/digits.yaml", "students": ["test_resnet"]}
+    params |= {
+        "profile": "test",
+        "source-data": "../../data_specs/digits.yaml",
+        "students": ["test_resnet"],
+        "seeds": [0],
+    }
     params["methods"]["balanced"] = ["kd", "gendd"]
     params["prepare"] |= {"shard-size": 64, "max-samples": 128}
     params["teacher"] |= {"model": "test_resnet", "epochs": 1, "batch-size": 64}
