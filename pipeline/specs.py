@@ -13,7 +13,7 @@ import yaml
 
 from pipeline.errors import GenddError
 
-SOURCES = ("sklearn_digits", "idx", "image_folder", "webdataset")
+SOURCES = ("sklearn_digits", "idx", "image_folder", "webdataset", "synthetic")
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,8 @@ def _check_values(spec: DataSpec, path: Path) -> None:
         raise _fail(path, "path", f"the location of the {spec.source} data (or pass --source-path)")
     if not spec.splits or not all(isinstance(v, str) for v in spec.splits.values()):
         raise _fail(path, "splits", "a mapping split name -> source locator (string), e.g. {train: train}")
+    if spec.source == "synthetic" and not all(v.isdigit() and int(v) > 0 for v in spec.splits.values()):
+        raise _fail(path, "splits", f"a sample count per split for a synthetic source, e.g. {{train: 1000}}, got {spec.splits}")
     if (
         spec.num_classes < (0 if spec.source == "image_folder" else 1)
         or spec.image_size < 1
@@ -147,6 +149,8 @@ def load_spec(path: str | Path, source_path: str | None = None) -> DataSpec:
         raise GenddError(f"{path}: expected a mapping of fields at the top level, got {type(raw).__name__}")
     _check_types(raw, path)
     values = dict(raw)
+    if raw["source"] == "synthetic" and isinstance(raw["splits"], dict):  # a synthetic split's locator is its count
+        values["splits"] = {k: str(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in raw["splits"].items()}
     for key in ("mean", "std", "class_names", "imbalance_splits"):
         if key in values:
             values[key] = tuple(values[key])
