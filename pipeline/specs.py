@@ -102,7 +102,8 @@ def _check_values(spec: DataSpec, path: Path) -> None:
     if not spec.splits or not all(isinstance(v, str) for v in spec.splits.values()):
         raise _fail(path, "splits", "a mapping split name -> source locator (string), e.g. {train: train}")
     if spec.source == "synthetic" and not all(v.isdigit() and int(v) > 0 for v in spec.splits.values()):
-        raise _fail(path, "splits", f"a sample count per split for a synthetic source, e.g. {{train: 1000}}, got {spec.splits}")
+        counts = "a sample count per split for a synthetic source, e.g. {train: 1000}"
+        raise _fail(path, "splits", f"{counts}, got {spec.splits}")
     if (
         spec.num_classes < (0 if spec.source == "image_folder" else 1)
         or spec.image_size < 1
@@ -150,7 +151,8 @@ def load_spec(path: str | Path, source_path: str | None = None) -> DataSpec:
     _check_types(raw, path)
     values = dict(raw)
     if raw["source"] == "synthetic" and isinstance(raw["splits"], dict):  # a synthetic split's locator is its count
-        values["splits"] = {k: str(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in raw["splits"].items()}
+        counts = raw["splits"].items()
+        values["splits"] = {k: str(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in counts}
     for key in ("mean", "std", "class_names", "imbalance_splits"):
         if key in values:
             values[key] = tuple(values[key])
