@@ -129,3 +129,50 @@ def test_dag_metrics_and_plots(project: Path) -> None:
     assert "probe_top1" in _run(project, sys.executable, "-m", "dvc", "metrics", "show")
     _run(project, sys.executable, "-m", "dvc", "plots", "show", "-o", str(project / "plots"))
     assert (project / "plots" / "index.html").is_file()
+
+
+def _weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.mark.slow
+def test_killed_repro_resumes_distill_from_its_checkpoint(project: Path) -> None:
+    """`dvc repro` killed (SIGKILL, as a crash or a preempted machine) during distill: the rerun continues from the
+    checkpoint DVC kept (persist), not from epoch 0, and ends with the weights of an uninterrupted run."""
+    import signal
+    import time
+
+    import torch
+
+    stage, run = "distill@test_resnet-kd", "test_resnet-kd"
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["distill"]["epochs"] = 12  # long enough to be killed in the middle
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ckpt = project / "outputs" / "train" / run / "checkpoint.pt"
+    ckpt.unlink(missing_ok=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "dvc", "repro", stage]
+    proc = subprocess.Popen(
+        cmd, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 300
+    while not ckpt.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # dvc and the gendd it runs, at once
+    proc.wait()
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    reached = state["epoch"] + 1
+    assert reached < 12, "the run finished before it was killed: nothing was tested"
+
+    out = _run(project, *cmd)
+    assert "resuming" in out and f"epoch {reached}" in out, out[-2000:]
+    resumed = _weights(project / "outputs" / "students" / run / "student.safetensors")
+
+    ckpt.unlink()  # the same stage uninterrupted
+    _run(project, *cmd, "--single-item", "--force")
+    uninterrupted = _weights(project / "outputs" / "students" / run / "student.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(resumed[name], tensor), name
