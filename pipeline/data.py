@@ -106,8 +106,11 @@ def view_plan(seed: int, epoch: int, index: np.ndarray, num_views: int) -> np.nd
     return (x % np.uint64(num_views)).astype(np.int64)
 
 
-def fresh_views(keys: list[str], plan: EpochPlan, image_size: int) -> np.ndarray:
-    """(N, 5) policy views of an epoch without a cache, keyed by (seed, epoch, key) as in every mode."""
+def fresh_views(keys: list[str] | np.ndarray, plan: EpochPlan, image_size: int) -> np.ndarray:
+    """(N, 5) policy views of an epoch without a cache, keyed by (seed, epoch, key) as in every mode; keys as str or
+    as a key array (UTF-8 bytes, decoded here: views are seeded by the key's text)."""
+    if isinstance(keys, np.ndarray) and keys.dtype.kind == "S":
+        keys = np.strings.decode(keys, "utf-8").tolist()
     return sample_views(keys, 2, plan.policy, seed=plan.seed * 100_003 + plan.epoch, image_size=image_size)[:, 1]
 
 
@@ -280,6 +283,7 @@ def stats_chunks(n_chunks: int, chunk_size: int = 1) -> list[int]:
 
 def load_train_data(shards: str | Path, cache: str | Path | None, split: str = "train") -> TrainData:
     """Shards of a split held in memory, joined with the feature cache (float16) when one is given."""
+    from pipeline.shards import key_array
     from pipeline.store import open_cache
 
     index = load_index(shards)
@@ -289,8 +293,8 @@ def load_train_data(shards: str | Path, cache: str | Path | None, split: str = "
     out.num_classes = int(spec["num_classes"])
     if cache is None:
         return out
-    store = open_cache(cache, split, spec_hash=index.spec_hash)
-    if store.keys != data.keys:
+    store = open_cache(cache, split, spec_hash=index.spec_hash, shards=index.split(split))
+    if not np.array_equal(store.keys, key_array(data.keys)):
         raise GenddError(f"cache {cache} was extracted from other samples than {shards}; re-run gendd extract")
     k, n = store.K, store.n
     out.features = torch.empty((n, k, store.feature_dim), dtype=torch.float16)

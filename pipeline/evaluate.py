@@ -145,12 +145,14 @@ def eval_batches(
     """(samples, batches) of a split for evaluation: images, labels and (with a cache) the teacher's view-0 logits,
     held in memory or streamed (`options.mode`; auto: estimated and printed)."""
     from pipeline.data import choose_mode, footprint
-    from pipeline.shards import load_index, load_split
+    from pipeline.shards import key_array, load_index, load_split
     from pipeline.store import open_cache
     from pipeline.stream import stream_eval_batches
 
     index = load_index(shards)
-    store = open_cache(cache, split, spec_hash=index.spec_hash) if cache is not None else None
+    store = None
+    if cache is not None:
+        store = open_cache(cache, split, spec_hash=index.spec_hash, shards=index.split(split))
     sizes = footprint(index, split, 1, 0, store.num_classes if store else 0)
     mode, line = choose_mode(options.mode, sizes, device, split)
     print(line, flush=True)
@@ -160,7 +162,7 @@ def eval_batches(
     data = load_split(index.split(split))
     logits = None
     if store is not None:
-        if store.keys != data.keys:
+        if not np.array_equal(store.keys, key_array(data.keys)):
             raise GenddError(f"cache {cache} was extracted from other samples than {shards}; re-run gendd extract")
         logits = torch.cat(
             [torch.from_numpy(store.read_chunk(i, dtype=np.float16)["logits"][:, 0]) for i in range(store.n_chunks)]

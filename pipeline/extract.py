@@ -25,7 +25,7 @@ from tqdm import tqdm
 from pipeline.config import ExtractConfig
 from pipeline.errors import GenddError
 from pipeline.models import features, linear_head, load_card, load_model
-from pipeline.shards import ShardData, ShardIndex, ShardSet, load_index
+from pipeline.shards import ShardData, ShardIndex, ShardSet, key_array, load_index
 from pipeline.store import CacheMeta, FeatureCacheWriter
 from pipeline.views import apply_views, decode_shard_with_views
 
@@ -99,6 +99,8 @@ def _run_chunk(runner: TeacherRunner, images: torch.Tensor, views: np.ndarray, b
 
 def _meta(cfg: ExtractConfig, index: ShardIndex, split: str, n: int, k: int) -> CacheMeta:
     dataset = {"name": index.spec["name"], "spec_hash": index.spec_hash, "split": split, "n": n}
+    if hashes := index.split(split).hashes:  # readers refuse the cache once a shard's content changes
+        dataset["shard_sha256"] = list(hashes)
     views = {"K": k, "policy": cfg.policy.to_dict(), "seed": cfg.seed}
     return CacheMeta(teacher=teacher_fingerprint(cfg.teacher), dataset=dataset, views=views, codec=cfg.codec)
 
@@ -111,7 +113,7 @@ class _SplitPlan:
     shards: ShardSet
     image_size: int
     k: int
-    keys: list[str]
+    keys: np.ndarray  # a key_array
     writer: FeatureCacheWriter
     todo: list[int]
 
@@ -131,7 +133,7 @@ def _plan_split(cfg: ExtractConfig, split: str, runner: TeacherRunner, rank: int
         _meta(cfg, index, split, len(keys), k),
         chunk_size=index.shard_size,
         keys=keys,
-        labels=np.asarray(labels, dtype=np.int32),
+        labels=labels.astype(np.int32),
         head_weight=runner.weight.cpu().numpy(),
         head_bias=runner.bias.cpu().numpy(),
         fmt=cfg.fmt,
@@ -184,7 +186,7 @@ def _extract_chunk(
     chunk_keys, images, labels, png, views = decoded
     data = ShardData(chunk_keys, torch.from_numpy(images), torch.from_numpy(labels), png)
     start, count = plan.shards.starts[i], plan.shards.counts[i]
-    if data.keys != plan.keys[start : start + count]:
+    if not np.array_equal(key_array(data.keys), plan.keys[start : start + count]):
         raise GenddError(f"{plan.shards.path(i)} changed since the cache was started; delete {cfg.out} and re-run")
     feats, logits = _run_chunk(runner, data.images, views, cfg.batch_size)
     saver.submit(i, feats, logits, views, data.png)

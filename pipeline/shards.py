@@ -8,7 +8,8 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Iterable, Iterator
+import zipfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -44,6 +45,7 @@ class ShardSet:
     hashes: tuple[str, ...] = ()  # sha256 (hex) of each shard as prepare wrote it; empty in indexes from before it
     keys_size: int | None = None  # byte size and sha256 of the keys file, likewise
     keys_hash: str | None = None
+    keys_array: str | None = None  # the keys file's content as numpy arrays (.npz); absent in shards from before it
 
     @property
     def n(self) -> int:
@@ -54,17 +56,20 @@ class ShardSet:
         """Location of shard i: a Path locally, the URL string for a remote root."""
         return locations.join(self.root, self.names[i])
 
-    def keys_and_labels(self) -> tuple[list[str], list[int]]:
-        """Every key and label of the split in global order: from the side file prepare wrote, else a shard scan."""
+    def keys_and_labels(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every key (a `key_array`) and label ((N,) int64) of the split in global order: from the arrays prepare
+        wrote, else its JSON keys file (shards from before the arrays), else a scan of the shards."""
+        if self.keys_array and locations.is_file(arrays_path := locations.join(self.root, self.keys_array)):
+            return read_key_arrays(arrays_path)
         if self.keys_file and locations.is_file(keys_path := locations.join(self.root, self.keys_file)):
             record = json.loads(locations.read_text(keys_path))
-            return record["keys"], record["labels"]
+            return key_array(record["keys"]), np.asarray(record["labels"], dtype=np.int64)
         keys, labels = [], []
         for i in range(len(self.names)):
             k, y = read_shard_labels(self.path(i))
             keys += k
             labels += y
-        return keys, labels
+        return key_array(keys), np.asarray(labels, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,42 @@ class ShardIndex:
         return tuple(self.spec.get("class_names") or ())
 
 
+def key_array(keys: Sequence[str] | np.ndarray) -> np.ndarray:
+    """Sample keys as one fixed-width bytes array (UTF-8, numpy dtype "S<longest>"), the form every reader holds.
+
+    A list of 1.28M str is 1.28M objects (~190 MiB with the list) whose refcounts dirty every page they sit on, so
+    each forked loader worker ends up with its own copy; one numpy array has one refcount and its pages stay shared.
+    Bytes, not numpy's "U": UTF-32 would take 4x the memory. Elements are bytes: decode before formatting or
+    hashing one (views are seeded by the key as str)."""
+    if isinstance(keys, np.ndarray) and keys.dtype.kind != "O":
+        return keys if keys.dtype.kind == "S" else np.strings.encode(keys, "utf-8")
+    return np.array([key if isinstance(key, bytes) else str(key).encode() for key in keys], dtype=np.bytes_)
+
+
+def read_key_arrays(location: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, labels int64) from a keys array file (.npz) prepare wrote: no Python object per sample is made."""
+    try:
+        data = locations.read_bytes(location) if locations.is_url(location) else Path(location).read_bytes()
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            keys, labels = arrays["keys"], arrays["labels"].astype(np.int64)
+        if keys.dtype.kind != "S" or keys.shape != labels.shape or keys.ndim != 1:
+            raise ValueError(f"keys {keys.dtype} {keys.shape}, labels {labels.shape}")
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise GenddError(f"{location}: unreadable keys file ({locations.one_line(err)}): {_redo(location)}") from err
+    return keys, labels
+
+
+def _key_arrays_bytes(keys: np.ndarray, labels: np.ndarray) -> bytes:
+    """An .npz of keys and int32 labels with a fixed zip timestamp: the same samples give the same bytes."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as npz:  # np.savez would stamp the current time into the zip
+        for name, array in (("keys", keys), ("labels", labels.astype(np.int32))):
+            member = io.BytesIO()
+            np.save(member, np.ascontiguousarray(array), allow_pickle=False)
+            npz.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), member.getvalue())
+    return buffer.getvalue()
+
+
 def _encode(sample: Sample) -> dict:
     buffer = io.BytesIO()
     image = sample.image[:, :, 0] if sample.image.shape[2] == 1 else sample.image
@@ -118,6 +159,14 @@ def file_digest(path: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
+def _write_new(path: Path, data: bytes) -> None:
+    """Write `data` as a new file at `path` (a temp name): a leftover one is unlinked first, never truncated, since a
+    file in a DVC-tracked folder may be a hardlink into DVC's cache."""
+    path.unlink(missing_ok=True)
+    with open(path, "xb") as handle:
+        handle.write(data)
+
+
 def _replace_if_changed(tmp: Path, path: Path) -> tuple[tuple[int, str], bool]:
     """Move a freshly written `tmp` to `path` unless `path` already holds the same bytes (its mtime is then kept);
     returns the file's (size, sha256) and whether `path` changed."""
@@ -135,7 +184,8 @@ def _write_shard(path: Path, samples: list[Sample]) -> tuple[tuple[int, str], bo
     import webdataset as wds
 
     tmp = path.with_suffix(".tar.tmp")
-    with open(tmp, "wb") as handle, wds.TarWriter(handle, mtime=TAR_MTIME) as writer:
+    tmp.unlink(missing_ok=True)  # a new file, never a truncated one (see _write_new)
+    with open(tmp, "xb") as handle, wds.TarWriter(handle, mtime=TAR_MTIME) as writer:
         for sample in samples:
             writer.write(_encode(sample))
     return _replace_if_changed(tmp, path)
@@ -200,23 +250,41 @@ def _write_split(
             bar.update(len(chunk))
     if not counts:
         raise GenddError(f"spec {spec.name}: split {split!r} has no samples; check the source path and spec")
-    # Keys and labels in one small file: extraction sizes its store from them without scanning every shard.
-    keys_file = f"{split}-keys.json"
-    existed = (root / keys_file).is_file()
-    tmp = root / (keys_file + ".tmp")
-    tmp.write_text(json.dumps({"keys": list(seen), "labels": labels}))
-    (keys_size, keys_hash), changed = _replace_if_changed(tmp, root / keys_file)
-    if changed and (existed or keys_file in recorded):
-        redone.append(keys_file)
-    entry = {"shards": names, "counts": counts, "starts": starts, "n": sum(counts), "keys_file": keys_file}
-    entry |= {"sizes": sizes, "sha256": hashes, "keys_size": keys_size, "keys_sha256": keys_hash}
+    entry = {"shards": names, "counts": counts, "starts": starts, "n": sum(counts)}
+    entry |= {"sizes": sizes, "sha256": hashes} | _write_keys_files(root, split, list(seen), labels, recorded, redone)
     return entry, redone
+
+
+def _write_keys_files(
+    root: Path, split: str, keys: list[str], labels: list[int], recorded: dict, redone: list[str]
+) -> dict:
+    """Write a split's keys and labels twice: JSON (what older gendd read) and numpy arrays (.npz: readers load
+    1.28M keys without making a Python object per key); returns their index fields and adds rewritten ones to
+    `redone`. Extraction sizes its store from them without scanning every shard."""
+    keys_file, keys_array = f"{split}-keys.json", f"{split}-keys.npz"
+    contents = {
+        keys_file: json.dumps({"keys": keys, "labels": labels}).encode(),
+        keys_array: _key_arrays_bytes(key_array(keys), np.asarray(labels, dtype=np.int64)),
+    }
+    digests = {}
+    for name, data in contents.items():
+        existed, tmp = (root / name).is_file(), root / (name + ".tmp")
+        _write_new(tmp, data)
+        digests[name], changed = _replace_if_changed(tmp, root / name)
+        if changed and (existed or name in recorded):
+            redone.append(name)
+    (keys_size, keys_hash), (array_size, array_hash) = digests[keys_file], digests[keys_array]
+    fields = {"keys_file": keys_file, "keys_size": keys_size, "keys_sha256": keys_hash}
+    return fields | {"keys_array": keys_array, "keys_array_size": array_size, "keys_array_sha256": array_hash}
 
 
 def _recorded(entry: dict) -> dict[str, tuple[int, str]]:
     """name -> (size, sha256) of every file of a split's index entry (shards and keys file)."""
     files = dict(zip(entry["shards"], zip(entry["sizes"], entry["sha256"], strict=True), strict=True))
-    return files | {entry["keys_file"]: (entry["keys_size"], entry["keys_sha256"])}
+    files[entry["keys_file"]] = (entry["keys_size"], entry["keys_sha256"])
+    if "keys_array" in entry:  # absent in indexes from before the keys arrays: those read the JSON file
+        files[entry["keys_array"]] = (entry["keys_array_size"], entry["keys_array_sha256"])
+    return files
 
 
 def _intact(root: Path, entry: dict) -> bool:
@@ -290,6 +358,7 @@ def load_index(root: str | Path) -> ShardIndex:
                 tuple(s.get("sha256", ())),
                 s.get("keys_size"),
                 s.get("keys_sha256"),
+                s.get("keys_array"),
             )
             for name, s in raw["splits"].items()
         }
@@ -355,12 +424,13 @@ def prepare_shards(
     # stale shard survives.
     marker = root / ".prepare.json"
     if _read_marker(marker) != signature:
-        for stale in [*root.glob("*.tar"), *root.glob("*-keys.json"), root / INDEX]:
+        for stale in [*root.glob("*.tar"), *root.glob("*-keys.json"), *root.glob("*-keys.npz"), root / INDEX]:
             stale.unlink(missing_ok=True)
         previous, intact = {}, dict.fromkeys(spec.splits, False)
     root.mkdir(parents=True, exist_ok=True)
     (root / INDEX).unlink(missing_ok=True)  # written last again: while it is absent no stage trusts these shards
-    marker.write_text(json.dumps(signature))
+    _write_new(root / ".prepare.json.tmp", json.dumps(signature).encode())
+    os.replace(root / ".prepare.json.tmp", marker)  # replaced, not rewritten: it may be linked from DVC's cache
     resolved = state.spec  # an image folder's class names (and their number) filled in from its folders
     splits = {}
     for split in spec.splits:
@@ -379,7 +449,7 @@ def prepare_shards(
     record = {"spec": spec_fields, **signature, "class_names": list(resolved.class_names), "splits": splits}
     record["index_sha256"] = _record_hash(record)
     tmp = root / (INDEX + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=list))
+    _write_new(tmp, json.dumps(record, indent=1, default=list).encode())
     os.replace(tmp, root / INDEX)  # written last: an index means every shard is whole
     return load_index(root), True
 

@@ -12,6 +12,10 @@ float16) are lossless on float16; "bf16" (bfloat16 bits in uint16) and "int8" (f
 per (sample, view); logits float16) are lossy and opt-in. Every Zarr chunk carries a crc32c checksum. Reads return
 float32, or float16 features and logits when asked (streaming keeps them half precision until the device).
 
+Per-sample metadata is held as numpy arrays (keys as `pipeline.shards.key_array`, labels int64), which forked loader
+workers share without copying. The attribute `dataset.shard_sha256` lists the sha256 of every image shard the cache
+was built from (caches from before it lack it); readers given the shards refuse a cache whose shards changed since.
+
 Reading also works from an fsspec URL (`http(s)://`, `s3://`, `gs://`; see pipeline/locations.py); writing is local.
 
 Reads check what they return: a chunk holding NaN or inf, a damaged or missing chunk file (Zarr: a bad crc32c
@@ -22,7 +26,9 @@ array and the chunk, with the fix. `gendd cache verify` (pipeline/verify.py) run
 Concurrency: a store is built in a private temp directory and renamed into place (atomic on a POSIX filesystem), so
 concurrent `FeatureCacheWriter.open` calls with the same meta all end on one fully created store and nobody sees a
 half-created one. Writers then fill whole chunks only (distinct chunk files, themselves written via temp + rename),
-set `done[i]` after the chunk's data, and whoever finds every chunk done sets `complete` last.
+set `done[i]` after the chunk's data, and whoever finds every chunk done sets `complete` last. No write opens an
+existing file: every file is written under a temp name and renamed into place, so a file that DVC links from its
+cache (hardlink or symlink) is replaced, never modified.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -42,8 +48,12 @@ from pipeline import locations
 from pipeline.config import CODECS, FORMATS
 from pipeline.errors import GenddError
 from pipeline.locations import one_line
+from pipeline.shards import key_array
 from pipeline.store_wds import StoreDamage, WdsStore
 from pipeline.store_zarr import ZarrStore
+
+if TYPE_CHECKING:
+    from pipeline.shards import ShardSet
 
 SCHEMA_VERSION = 1
 _REQUIRED = {
@@ -202,7 +212,7 @@ def _chunk_bounds(i: int, chunk_size: int, n: int) -> tuple[int, int]:
     return i * chunk_size, min(n, (i + 1) * chunk_size)
 
 
-def _check_inputs(meta: CacheMeta, split: str, chunk_size: int, keys: list[str], labels: np.ndarray) -> None:
+def _check_inputs(meta: CacheMeta, split: str, chunk_size: int, keys: np.ndarray, labels: np.ndarray) -> None:
     """Refuse a writer whose arguments disagree with its meta."""
     n = int(meta.dataset["n"])
     if meta.dataset["split"] != split:
@@ -211,7 +221,7 @@ def _check_inputs(meta: CacheMeta, split: str, chunk_size: int, keys: list[str],
         raise GenddError(f"chunk_size must be >= 1, got {chunk_size}: pass the image shard size")
     if len(keys) != n or labels.shape != (n,):
         raise GenddError(f"{split}: {len(keys)} keys and {labels.shape} labels for n={n} samples: pass one per sample")
-    if len(set(keys)) != n:
+    if len(np.unique(keys)) != n:
         raise GenddError(f"{split}: sample keys are not unique: re-run gendd prepare")
     c = int(meta.teacher["num_classes"])
     if labels.size and (labels.min() < -1 or labels.max() >= c):
@@ -249,16 +259,21 @@ def _create_once(store_cls: type[ZarrStore] | type[WdsStore], path: Path, *layou
 
 
 def _check_same_store(
-    store: ZarrStore | WdsStore, attrs: dict, chunk_size: int, keys: list[str], labels: np.ndarray
+    store: ZarrStore | WdsStore, attrs: dict, chunk_size: int, keys: np.ndarray, labels: np.ndarray
 ) -> None:
-    """Refuse to resume into a store written for another teacher, dataset, view policy, codec or chunking."""
-    found = store.attrs
-    differs = [name for name in ("schema_version", "teacher", "dataset", "views") if found.get(name) != attrs[name]]
+    """Refuse to resume into a store written for another teacher, dataset (image shard contents included), view
+    policy, codec or chunking."""
+    found, wanted = store.attrs, dict(attrs)
+    if isinstance(found.get("dataset"), dict) and "shard_sha256" not in found["dataset"]:
+        wanted["dataset"] = _without_shards(attrs["dataset"])  # a store from before shard hashes: resumed as before
+    differs = [name for name in ("schema_version", "teacher", "dataset", "views") if found.get(name) != wanted[name]]
+    if "dataset" in differs and _without_shards(found.get("dataset")) == _without_shards(wanted["dataset"]):
+        differs[differs.index("dataset")] = "dataset (the image shards changed since it was started)"
     if found.get("codec") != attrs["codec"]:
         differs.append(f"codec ({found.get('codec')!r}, not {attrs['codec']!r})")
     if store.chunk_size != chunk_size:
         differs.append(f"chunk_size ({store.chunk_size}, not {chunk_size})")
-    if not differs and store.keys() != keys:
+    if not differs and not np.array_equal(store.keys(), keys):
         differs.append("keys")
     if not differs and not np.array_equal(store.labels(), labels):
         differs.append("labels")
@@ -266,6 +281,10 @@ def _check_same_store(
         raise GenddError(
             f"{store.path} holds a cache with a different {', '.join(differs)}: delete it or pick another path"
         )
+
+
+def _without_shards(dataset: Any) -> Any:
+    return {k: v for k, v in dataset.items() if k != "shard_sha256"} if isinstance(dataset, dict) else dataset
 
 
 class FeatureCacheWriter:
@@ -287,7 +306,7 @@ class FeatureCacheWriter:
         meta: CacheMeta,
         *,
         chunk_size: int,
-        keys: Sequence[str],
+        keys: Sequence[str] | np.ndarray,
         labels: np.ndarray,
         head_weight: np.ndarray,
         head_bias: np.ndarray,
@@ -297,7 +316,7 @@ class FeatureCacheWriter:
         if fmt not in FORMATS:
             raise GenddError(f"unknown cache format {fmt!r}: choose one of {', '.join(FORMATS)}")
         meta.validate()
-        keys, labels = [str(key) for key in keys], np.asarray(labels).astype(np.int32)
+        keys, labels = key_array(keys), np.asarray(labels).astype(np.int32)
         _check_inputs(meta, split, chunk_size, keys, labels)
         head = _head_arrays(meta, head_weight, head_bias)
         store_cls = _STORES[fmt]
@@ -370,7 +389,7 @@ class FeatureCache:
         if problems := head_problems(self.head_weight, self.head_bias, self.num_classes, self.feature_dim):
             raise StoreDamage(self.path, *problems[0])
         self.labels = store.labels().astype(np.int64)
-        self.keys = store.keys()
+        self.keys = store.keys()  # (N,) fixed-width UTF-8 bytes (`key_array`): shared by forked loader workers
         if problems := index_problems(self.labels, self.keys, self.n, self.num_classes, unique=False):
             raise StoreDamage(self.path, *problems[0])
         self.done = np.ones(self.n_chunks, dtype=bool) if self.complete else store.done()
@@ -457,7 +476,7 @@ def head_problems(weight: np.ndarray, bias: np.ndarray, c: int, d: int) -> list[
 
 
 def index_problems(
-    labels: np.ndarray, keys: list[str], n: int, num_classes: int, unique: bool = True
+    labels: np.ndarray, keys: Sequence[str] | np.ndarray, n: int, num_classes: int, unique: bool = True
 ) -> list[tuple[str, None, str]]:
     """(array, None, what) for labels or keys that are not one per sample, labels outside [-1, num_classes) and (with
     `unique`) repeated keys."""
@@ -470,10 +489,14 @@ def index_problems(
         problems.append(("labels", None, f"has {bad.size} values outside [-1, {num_classes}) (first: {first})"))
     if len(keys) != n:
         problems.append(("keys", None, f"has {len(keys)} entries, expected N={n}"))
-    if unique and len(set(keys)) != len(keys):
-        seen: set[str] = set()
-        repeated = next(key for key in keys if key in seen or seen.add(key))
-        problems.append(("keys", None, f"are not unique ({len(keys) - len(set(keys))} repeats, first {repeated!r})"))
+    if unique and len(keys):
+        keys = key_array(keys)
+        _, first = np.unique(keys, return_index=True)  # where each distinct key first occurs
+        if len(first) != len(keys):
+            later = np.ones(len(keys), dtype=bool)
+            later[first] = False
+            repeated = keys[np.flatnonzero(later)[0]].decode(errors="replace")
+            problems.append(("keys", None, f"are not unique ({len(keys) - len(first)} repeats, first {repeated!r})"))
     return problems
 
 
@@ -507,15 +530,31 @@ def find_store(root: Path | str, split: str) -> ZarrStore | WdsStore:
     raise GenddError(f"{root} has no cached split {split!r} (cached: {found}): run gendd extract for split {split!r}")
 
 
+def changed_shard(cache: FeatureCache, shards: ShardSet) -> str | None:
+    """Which image shard differs from the one the cache was built from: "another <path> (sha256 <was>.., now
+    <now>..)" for the first shard whose sha256 (`dataset.shard_sha256`) is not the one index.json records now; None
+    when they agree, either side records none (a cache or index from before the hashes) or the shard count differs
+    (the alignment checks of the readers name that)."""
+    built = cache.meta.dataset.get("shard_sha256")
+    if not built or not shards.hashes or len(built) != len(shards.hashes):
+        return None
+    for i, (was, now) in enumerate(zip(built, shards.hashes, strict=True)):
+        if was != now:
+            return f"another {shards.path(i)} (sha256 {str(was)[:8]}.., now {now[:8]}..)"
+    return None
+
+
 def open_cache(
     cache_dir: str | Path,
     split: str,
     *,
     teacher_sha256: str | None = None,
     spec_hash: str | None = None,
+    shards: ShardSet | None = None,
     allow_incomplete: bool = False,
 ) -> FeatureCache:
-    """Open a split's cache; refuse a missing, incomplete (unless allowed) or mismatched one with what to run."""
+    """Open a split's cache; refuse a missing, incomplete (unless allowed) or mismatched one with what to run. With
+    `shards` (the split's image shards), refuse a cache built from other shard contents."""
     cache = FeatureCache(find_store(cache_dir, split))
     if not cache.complete and not allow_incomplete:
         done = f"{int(cache.done.sum())} of {cache.n_chunks} chunks done"
@@ -529,4 +568,6 @@ def open_cache(
             raise GenddError(
                 f"{cache.path} was built for {what} {str(found)[:16]}, not {str(wanted)[:16]}: {_FIX} {how}"
             )
+    if shards is not None and (changed := changed_shard(cache, shards)):
+        raise GenddError(f"cache {cache_dir} was built from {changed}: {_FIX}")
     return cache

@@ -3,7 +3,8 @@
 One tar per chunk (= per image shard), written to a temp file and moved into place, so a finished tar is the
 chunk's "done" flag. Each sample holds `__key__`, `png`, `cls` (labelled samples only) and per-sample `.npy` arrays
 in the codec's stored dtype (`features.npy`, `logits.npy`, `views.npy`, and `features_scale.npy` for int8).
-`meta.json` holds the attributes, labels, keys and chunking; `head.npz` the teacher classifier.
+`meta.json` holds the attributes, labels, keys and chunking; `head.npz` the teacher classifier. An open store holds the
+keys and labels as numpy arrays (`pipeline.shards.key_array`, int32), not as the JSON lists they are stored as.
 Next to each tar, `<split>-NNNNNN.tar.crc32` records the tar's CRC-32 and size ("crc32 <8 hex> bytes <n>"), written
 before the tar: a tar has no checksum over its contents (tarfile checks member headers only), so without it a flipped
 byte in a PNG or an array would read back silently. Local reads check it; `gendd cache verify` checks it everywhere.
@@ -27,6 +28,7 @@ import numpy as np
 from pipeline import locations
 from pipeline.errors import GenddError
 from pipeline.locations import one_line
+from pipeline.shards import key_array
 
 META = "meta.json"
 HEAD = "head.npz"
@@ -97,9 +99,11 @@ class WdsStore:
 
     def __init__(self, path: Path | str, meta: dict):
         self.path = path
-        self._meta = meta
         self.chunk_size = int(meta["chunk_size"])
         self.n_chunks = int(meta["n_chunks"])
+        # Out of the meta dict: turned into numpy arrays when first read (FeatureCache reads both as it opens).
+        self._keys, self._labels = meta.pop("keys", None), meta.pop("labels", None)
+        self._meta = meta
 
     @staticmethod
     def location(cache_dir: Path | str, split: str) -> Path | str:
@@ -112,13 +116,14 @@ class WdsStore:
         return locations.is_file(locations.join(path, META))
 
     @staticmethod
-    def create(path: Path, attrs: dict, chunk_size: int, keys: list[str], labels: np.ndarray, head: dict) -> None:
+    def create(path: Path, attrs: dict, chunk_size: int, keys: np.ndarray, labels: np.ndarray, head: dict) -> None:
         """Lay out an empty store in the (fresh, private) directory `path`."""
         path.mkdir(parents=True, exist_ok=True)
         n = len(keys)
         with zipfile.ZipFile(path / HEAD, "w") as npz:  # np.savez would stamp the current time into the zip
             for name in ("weight", "bias"):
                 npz.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), _npy_bytes(head[name]))
+        keys = np.strings.decode(key_array(keys), "utf-8").tolist()
         meta = dict(attrs, chunk_size=chunk_size, n_chunks=-(-n // chunk_size), labels=labels.tolist(), keys=keys)
         (path / META).write_text(json.dumps(meta))
 
@@ -141,22 +146,31 @@ class WdsStore:
         """The store's attributes (same keys as the Zarr group attributes)."""
         return {k: self._meta[k] for k in ATTR_KEYS if k in self._meta}
 
-    def keys(self) -> list[str]:
-        """Sample keys in global order."""
-        keys = self._meta.get("keys")
-        if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
-            raise StoreDamage(self.path, "keys", None, f"in {META} are missing or not strings")
-        return list(keys)
+    def keys(self) -> np.ndarray:
+        """Sample keys in global order, as a `key_array`."""
+        if not isinstance(self._keys, np.ndarray):
+            if not isinstance(self._keys, list) or not all(isinstance(key, str) for key in self._keys):
+                raise StoreDamage(self.path, "keys", None, f"in {META} are missing or not strings")
+            self._keys = key_array(self._keys)
+        return self._keys
 
     def labels(self) -> np.ndarray:
         """Labels (N,) int32, -1 = none."""
-        try:
-            labels = np.asarray(self._meta["labels"])
-            if labels.ndim != 1 or (labels.size and labels.dtype.kind not in "iu"):
-                raise ValueError(f"not a list of integers (dtype {labels.dtype}, shape {labels.shape})")
-            return labels.astype(np.int32)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StoreDamage(self.path, "labels", None, f"in {META} cannot be read ({one_line(exc)})") from exc
+        if not isinstance(self._labels, np.ndarray):
+            try:
+                if self._labels is None:
+                    raise KeyError("labels")
+                labels = np.asarray(self._labels)
+                if labels.ndim != 1 or (labels.size and labels.dtype.kind not in "iu"):
+                    raise ValueError(f"not a list of integers (dtype {labels.dtype}, shape {labels.shape})")
+            except (KeyError, TypeError, ValueError) as exc:
+                raise StoreDamage(self.path, "labels", None, f"in {META} cannot be read ({one_line(exc)})") from exc
+            self._labels = labels.astype(np.int32)
+        return self._labels
+
+    def _chunk_keys(self, start: int, stop: int) -> list[str]:
+        """Keys of samples [start, stop) as str (tar member names)."""
+        return np.strings.decode(self.keys()[start:stop], "utf-8").tolist()
 
     def head(self) -> tuple[np.ndarray, np.ndarray]:
         """Teacher classifier weight (C, D) and bias (C,), float32."""
@@ -213,7 +227,7 @@ class WdsStore:
             raise GenddError(
                 f"chunk {i}: the webdataset cache stores images: pass images= ({n_i} png bytes, got {got})"
             )
-        keys, labels = self._meta["keys"][start : start + n_i], self._meta["labels"][start : start + n_i]
+        keys, labels = self._chunk_keys(start, start + n_i), self.labels()[start : start + n_i].tolist()
         buffer = io.BytesIO()
         # Fixed mtime/owner so that writing a chunk twice gives the same bytes.
         with TarWriter(buffer, encoder=False, mtime=0, user="gendd", group="gendd") as sink:
@@ -235,7 +249,7 @@ class WdsStore:
         (CRC-32, size), by default its recorded one (looked up for local stores only: one request less per chunk)."""
         # tarfile, not webdataset's pipeline: we read one local shard whole and in order, checking every key against
         # meta.json; webdataset's stream/decoder stages (and its torch import) add nothing here.
-        keys = self._meta["keys"][start:stop]
+        keys = self._chunk_keys(start, stop)
         columns: dict[str, list[np.ndarray]] = {}
         headers: dict[bytes, tuple[np.dtype, tuple]] = {}
         j = -1
@@ -292,9 +306,10 @@ class WdsStore:
 
     def set_complete(self) -> None:
         """Record completion (and the per-chunk done list) in meta.json; done last, after every tar exists."""
-        meta = dict(self._meta, complete=True, done=[True] * self.n_chunks)
+        update = {"complete": True, "done": [True] * self.n_chunks}
+        meta = json.loads((self.path / META).read_text()) | update  # keys and labels as stored
         _replace_atomically(self.path / META, json.dumps(meta).encode())
-        self._meta = meta
+        self._meta |= update
 
     def stored_bytes(self) -> dict[str, int]:
         """Bytes stored per array (tar member payloads of finished shards) plus meta.json and head.npz; local only."""

@@ -5,23 +5,34 @@ checksum, an undecodable chunk or a failed request becomes one `StoreDamage` lin
 the chunk. Chunk files are `<array>/c/<i>/0/0` for the per-sample arrays (chunk i = samples of image shard i),
 `labels/c/0`, `keys/c/0`, `head/weight/c/0/0`, `head/bias/c/0` (one chunk each unless the head is large) and
 `done/c/<i>` (absent until chunk i is done).
+
+Local stores are opened through `RenamingLocalStore`: every file (chunks and zarr.json) is written under a temp name
+and renamed into place, never opened for writing where it stands, so a file that DVC links from its cache (hardlink
+or symlink) is replaced, never modified. zarr's own LocalStore does the same from 3.1.3 on (zarr-python #3412);
+3.1.0-3.1.2, which pyproject.toml allows, open the file itself with "wb", truncating the linked inode.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import uuid
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.buffer import Buffer
+from zarr.storage import LocalStore
 
 from pipeline import locations
 from pipeline.errors import GenddError
 from pipeline.locations import one_line
+from pipeline.shards import key_array
 from pipeline.store_wds import StoreDamage, read_problem, rebuild_hint
 
 PER_SAMPLE = ("features", "logits", "views", "features_scale")
@@ -43,6 +54,55 @@ def _compressors(codec: str) -> tuple[BloscCodec | Crc32cCodec, ...]:
     # zstd at clevel 1: on post-ReLU float16 features it compresses as well as clevel 5 (1.69x) at ~6x the speed.
     cname, clevel = ("lz4", 5) if codec == "lz4" else ("zstd", 1)
     return (BloscCodec(cname=cname, clevel=clevel, shuffle="shuffle"), Crc32cCodec())
+
+
+def _write_renamed(path: Path, data: Any, exclusive: bool = False) -> None:
+    """Write `data` (bytes-like) as a new file beside `path`, then rename it to `path` (link it, when `exclusive`:
+    FileExistsError if `path` exists). The file at `path`, if any, is never opened: its inode stays as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as handle:
+            handle.write(data)
+        if exclusive:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class RenamingLocalStore(LocalStore):
+    """zarr's LocalStore whose every write is a new file renamed into place (see the module docstring: DVC links)."""
+
+    def _put(self, key: str, value: Buffer, exclusive: bool = False) -> None:
+        self._check_writable()
+        if not isinstance(value, Buffer):
+            raise TypeError(f"store value must be a zarr Buffer, not {type(value).__name__}")
+        _write_renamed(self.root / key, value.as_numpy_array(), exclusive)
+
+    async def set(self, key: str, value: Buffer) -> None:
+        if not self._is_open:
+            await self._open()
+        await asyncio.to_thread(self._put, key, value)
+
+    async def set_if_not_exists(self, key: str, value: Buffer) -> None:
+        if not self._is_open:
+            await self._open()
+        with suppress(FileExistsError):  # zarr's contract: an existing key is kept as it is
+            await asyncio.to_thread(self._put, key, value, True)
+
+    def set_sync(self, key: str, value: Buffer) -> None:
+        self._ensure_open_sync()
+        self._put(key, value)
+
+    async def set_partial_values(self, key_start_values: Iterable[tuple[str, int, bytes]]) -> None:
+        raise NotImplementedError("gendd writes whole chunk files only (a partial write would modify a file)")
+
+
+def _zarr_store(path: Path | str, writable: bool) -> RenamingLocalStore | str:
+    """What zarr opens: a RenamingLocalStore for a local path, the URL itself (read-only, fsspec) otherwise."""
+    return str(path) if locations.is_url(path) else RenamingLocalStore(Path(path), read_only=not writable)
 
 
 @contextmanager
@@ -79,7 +139,7 @@ class ZarrStore:
         return locations.is_file(locations.join(path, "zarr.json"))
 
     @staticmethod
-    def create(path: Path, attrs: dict, chunk_size: int, keys: list[str], labels: np.ndarray, head: dict) -> None:
+    def create(path: Path, attrs: dict, chunk_size: int, keys: np.ndarray, labels: np.ndarray, head: dict) -> None:
         """Lay out an empty store (every array, no chunk data) in the fresh, private directory `path`."""
         codec, n, k = attrs["codec"], len(keys), int(attrs["views"]["K"])
         widths = {"features": attrs["teacher"]["feature_dim"], "logits": attrs["teacher"]["num_classes"], "views": 5}
@@ -87,7 +147,7 @@ class ZarrStore:
         # Every chunk gets a file, even one equal to the fill value (a zero head bias, all labels 0), so that a
         # missing file always means a damaged store.
         with _quiet_zarr(), zarr.config.set({"array.write_empty_chunks": True}):
-            group = zarr.create_group(store=str(path), zarr_format=3, attributes=attrs)
+            group = zarr.create_group(store=_zarr_store(path, True), zarr_format=3, attributes=attrs)
             for name, dtype in stored_dtypes(codec).items():
                 shape = (n, k, int(widths[name])) if name in widths else (n, k)
                 group.create_array(
@@ -95,7 +155,7 @@ class ZarrStore:
                 )
             group.create_array("labels", data=labels.astype(np.int32), chunks=(max(n, 1),), compressors=compressors)
             group.create_array("keys", shape=(n,), chunks=(max(n, 1),), dtype=str, compressors=compressors)
-            group["keys"][:] = np.asarray(keys, dtype=np.dtypes.StringDType())
+            group["keys"][:] = np.strings.decode(key_array(keys), "utf-8").astype(np.dtypes.StringDType())
             head_group = group.create_group("head")
             for name in ("weight", "bias"):
                 head_group.create_array(name, data=head[name], compressors=compressors)
@@ -112,7 +172,8 @@ class ZarrStore:
         try:
             # Every chunk gets a file, even all-zero ones, so that a missing file always means a damaged store.
             with _quiet_zarr(), zarr.config.set({"array.write_empty_chunks": True}):
-                group = zarr.open_group(str(path), mode=mode, zarr_format=3, storage_options=options or None)
+                store = _zarr_store(path, writable)
+                group = zarr.open_group(store, mode=mode, zarr_format=3, storage_options=options or None)
                 return cls(path, group, writable)
         except (*locations.network_errors(), ValueError, KeyError) as exc:
             raise GenddError(f"{path} is not a readable feature cache ({one_line(exc)}): {rebuild_hint(path)}") from exc
@@ -210,9 +271,12 @@ class ZarrStore:
                 self.read_block(name, coords, label, missing_ok)
             raise
 
-    def keys(self) -> list[str]:
-        """Sample keys in global order."""
-        return [str(key) for key in self.read_array("keys").tolist()]
+    def keys(self) -> np.ndarray:
+        """Sample keys in global order, as a `key_array` (vlen UTF-8 on disk; no Python list is made)."""
+        keys = self.read_array("keys")
+        if keys.dtype.kind not in "OTU":
+            raise StoreDamage(self.path, "keys", None, f"has dtype {keys.dtype}, expected strings")
+        return key_array(keys.astype(np.dtypes.StringDType(), copy=False))
 
     def labels(self) -> np.ndarray:
         """Labels (N,) int32, -1 = none."""

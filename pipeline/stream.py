@@ -50,6 +50,8 @@ class _Shards:
 
     def read(self, i: int, plan: EpochPlan | None) -> dict[str, np.ndarray]:
         """Shard i decoded, with its view per sample (plan None: the identity view, view 0) and cached targets."""
+        from pipeline.shards import key_array
+
         location = self.set.path(i)
         keys, images, labels, _ = decode_shard(location)
         start, count = self.set.starts[i], self.set.counts[i]
@@ -63,7 +65,7 @@ class _Shards:
             ident = np.tile(np.array([[0.0, 0.0, 1.0, 1.0, 0.0]], np.float32), (count, 1))
             out["views"] = fresh_views(keys, plan, self.image_size).astype(np.float32) if plan else ident
             return out
-        if keys != self.cache.keys[start : start + count]:
+        if not np.array_equal(key_array(keys), self.cache.keys[start : start + count]):
             raise GenddError(
                 f"{location} holds other samples than chunk {i} of the cache {self.cache.path}: the cache does not "
                 "match the shards; re-run gendd extract with these shards"
@@ -202,12 +204,12 @@ def _open_source(shards: str | Path, cache: str | Path | None, split: str) -> tu
     )
     store = None
     if cache is not None:
-        store = open_cache(cache, split, spec_hash=index.spec_hash)
+        store = open_cache(cache, split, spec_hash=index.spec_hash, shards=shard_set)
         aligned = store.n == shard_set.n and all(
             store.chunk_bounds(i) == (s, s + c)
             for i, (s, c) in enumerate(zip(shard_set.starts, shard_set.counts, strict=True))
         )
-        if not aligned or store.n_chunks != len(shard_set.names) or store.keys != keys:
+        if not aligned or store.n_chunks != len(shard_set.names) or not np.array_equal(store.keys, keys):
             raise GenddError(
                 f"cache {store.path} does not match the shards of {shards} ({store.n} samples in {store.n_chunks} "
                 f"chunks, shards: {shard_set.n} in {len(shard_set.names)}): re-run gendd extract with these shards"

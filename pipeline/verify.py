@@ -18,7 +18,15 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import GenddError
-from pipeline.store import FeatureCache, all_finite, attrs_problems, find_store, head_problems, index_problems
+from pipeline.store import (
+    FeatureCache,
+    all_finite,
+    attrs_problems,
+    changed_shard,
+    find_store,
+    head_problems,
+    index_problems,
+)
 from pipeline.store_wds import StoreDamage, WdsStore, rebuild_hint
 from pipeline.store_zarr import PER_SAMPLE, ZarrStore, stored_dtypes
 
@@ -202,7 +210,7 @@ def _scan_zarr(store: ZarrStore, report: Report, sizes: tuple, complete: bool, p
                 except StoreDamage as exc:
                     report.damage(exc)
     if "labels" in values and "keys" in values:
-        for problem in index_problems(values["labels"], [str(key) for key in values["keys"].tolist()], n, c):
+        for problem in index_problems(values["labels"], values["keys"], n, c):
             report.add(*problem)
     if "head/weight" in values and "head/bias" in values:
         for problem in head_problems(values["head/weight"], values["head/bias"], c, d):
@@ -354,8 +362,8 @@ def replay(
         data = read_shard(shard_set.path(int(shard)))
         for p in picks[shard_of == shard]:
             j = int(p - shard_set.starts[shard])
-            if data.keys[j] != cache.keys[p]:
-                what = f"sample {p} is {cache.keys[p]!r} in the cache but {data.keys[j]!r} in {shard_set.path(shard)}"
+            if data.keys[j] != (key := cache.keys[p].decode()):
+                what = f"sample {p} is {key!r} in the cache but {data.keys[j]!r} in {shard_set.path(shard)}"
                 fix = "re-run gendd extract with these shards (or pass the shards the cache was built from)"
                 report.add("keys", None, what, fix)
                 return
@@ -454,6 +462,10 @@ def verify(
             return report
     if shard_set.n != cache.n:
         report.add("attributes", None, f"record N={cache.n}, the shards of split {split!r} hold {shard_set.n}")
+        return report
+    if changed := changed_shard(cache, shard_set):
+        report.add("attributes", None, f"record that the cache was built from {changed}", "re-run gendd extract")
+        report.notes.append("replay: not run (the cache was built from other shards)")
         return report
     damaged = [p.chunk for p in report.problems if p.array in PER_SAMPLE or p.array.endswith(".tar")]
     replay(cache, report, teacher, shard_set, samples, seed, {c for c in damaged if isinstance(c, int)})

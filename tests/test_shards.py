@@ -14,6 +14,7 @@ from pipeline.errors import GenddError
 from pipeline.shards import (
     _record_hash,
     file_digest,
+    key_array,
     load_index,
     load_split,
     prepare_shards,
@@ -50,9 +51,21 @@ def test_index_records_shards_counts_starts(digits_shards) -> None:
 def test_keys_file_lists_the_split_in_order_and_a_scan_agrees(digits_shards) -> None:
     shards = digits_shards.split("train")
     assert shards.keys_file and (shards.root / shards.keys_file).is_file()
+    assert shards.keys_array and (shards.root / shards.keys_array).is_file()
     keys, labels = shards.keys_and_labels()
-    assert len(keys) == shards.n and (keys, labels) == replace(shards, keys_file=None).keys_and_labels()
-    assert keys[:3] == read_shard(shards.path(0)).keys[:3]
+    assert keys.dtype.kind == "S" and labels.dtype == np.int64 and keys.shape == labels.shape == (shards.n,)
+    # shards from before the arrays read the JSON file, shards from before that a scan: the same values
+    for older in (replace(shards, keys_array=None), replace(shards, keys_array=None, keys_file=None)):
+        old_keys, old_labels = older.keys_and_labels()
+        assert old_keys.dtype.kind == "S" and np.array_equal(old_keys, keys) and np.array_equal(old_labels, labels)
+    assert np.strings.decode(keys[:3]).tolist() == read_shard(shards.path(0)).keys[:3]
+
+
+def test_key_array_holds_utf8_bytes_of_the_longest_key() -> None:
+    keys = key_array(["a", "c\u00e9/x", "bb"])
+    assert keys.dtype == np.dtype("S5") and keys[1] == "c\u00e9/x".encode()
+    assert key_array(keys) is keys and np.array_equal(key_array(np.array(["a", "c\u00e9/x", "bb"])), keys)
+    assert key_array([]).shape == (0,)
 
 
 def test_rerun_rewrites_nothing(tmp_path: Path) -> None:
@@ -147,7 +160,7 @@ def test_image_folder_shards_mix_classes(tmp_path: Path) -> None:
     shards = index.split("train")
     per_shard = [set(read_shard_labels(shards.path(i))[1]) for i in range(len(shards.names))]
     assert len(per_shard) == 3 and all(len(classes) > 1 for classes in per_shard)
-    assert sorted(shards.keys_and_labels()[0]) == sorted(f"{n}/{j}" for n in "abc" for j in range(8))
+    assert sorted(shards.keys_and_labels()[0]) == sorted(f"{n}/{j}".encode() for n in "abc" for j in range(8))
 
 
 def _damage(path: Path, how: str) -> None:
@@ -162,7 +175,7 @@ def _damage(path: Path, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["flip a byte", "truncate", "delete"])
-@pytest.mark.parametrize("name", ["train-000001.tar", "val-keys.json"])
+@pytest.mark.parametrize("name", ["train-000001.tar", "val-keys.json", "val-keys.npz"])
 def test_prepare_rewrites_a_damaged_file_byte_for_byte(tmp_path: Path, capsys, how: str, name: str) -> None:
     spec = load_spec(DIGITS_SPEC)
     index, _ = prepare_shards(spec, tmp_path, shard_size=50, max_samples=120)
@@ -185,12 +198,15 @@ def test_index_without_hashes_from_an_older_gendd_is_rewritten(tmp_path: Path) -
     record = json.loads((tmp_path / "index.json").read_text())
     del record["index_sha256"]
     for entry in record["splits"].values():
-        for field in ("sizes", "sha256", "keys_size", "keys_sha256"):
+        for field in ("sizes", "sha256", "keys_size", "keys_sha256", "keys_array", "keys_array_size"):
             del entry[field]
+        del entry["keys_array_sha256"]
     (tmp_path / "index.json").write_text(json.dumps(record))
-    assert load_index(tmp_path).split("train").hashes == ()  # still readable
+    older = load_index(tmp_path).split("train")
+    assert older.hashes == () and older.keys_array is None  # still readable, its keys from the JSON file
+    assert np.array_equal(older.keys_and_labels()[0], key_array(load_split(older).keys))
     _, wrote = prepare_shards(spec, tmp_path, shard_size=50, max_samples=120)
-    assert wrote and load_index(tmp_path).split("train").hashes
+    assert wrote and load_index(tmp_path).split("train").hashes and load_index(tmp_path).split("train").keys_array
     assert not prepare_shards(spec, tmp_path, shard_size=50, max_samples=120)[1]
 
 
@@ -270,5 +286,19 @@ def test_changed_idx_files_are_read_again_and_an_old_index_without_a_fingerprint
     assert prepare_shards(spec, out, shard_size=16)[1] and "older gendd" in capsys.readouterr().out
     _idx_file(raw / "train-labels-idx1-ubyte.gz", (np.arange(60) + 1) % 10)  # new labels
     index, wrote = prepare_shards(spec, out, shard_size=16)
-    assert wrote and index.split("val").keys_and_labels()[1][:3] == [1, 2, 3]
+    assert wrote and index.split("val").keys_and_labels()[1][:3].tolist() == [1, 2, 3]
     assert not prepare_shards(spec, out, shard_size=16)[1]
+
+
+def test_prepare_never_modifies_a_file_in_place(tmp_path: Path) -> None:
+    """Shards that DVC links from its cache (hardlinks) keep their bytes when prepare runs again with other settings:
+    every file prepare writes is a new one renamed into place (or removed), never one opened for writing."""
+    spec, out = load_spec(DIGITS_SPEC), tmp_path / "shards"
+    prepare_shards(spec, out, shard_size=50, max_samples=120)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "dvc-cache").mkdir()
+    for name in before:
+        (tmp_path / "dvc-cache" / name).hardlink_to(out / name)
+    _, wrote = prepare_shards(spec, out, shard_size=40, max_samples=100)  # every file rewritten, the marker too
+    assert wrote and {p.name: p.read_bytes() for p in (tmp_path / "dvc-cache").iterdir()} == before
+    assert (out / ".prepare.json").read_bytes() != before[".prepare.json"]

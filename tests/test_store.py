@@ -111,7 +111,7 @@ def test_round_trip(tmp_path: Path, fmt: str, codec: str) -> None:
         assert np.array_equal(got["logits"], logits.astype(np.float16).astype(np.float32))
     assert np.array_equal(got["views"], data["views"])
     assert np.array_equal(got["labels"], data["labels"]) and cache.labels.dtype == np.int64
-    assert cache.keys == data["keys"] and all(type(k) is str for k in cache.keys)
+    assert cache.keys.dtype.kind == "S" and np.strings.decode(cache.keys).tolist() == data["keys"]
     assert np.array_equal(cache.head_weight, data["head_weight"]) and np.array_equal(cache.head_bias, data["head_bias"])
     assert cache.read_chunk(2)["features"].shape == (N - 2 * CHUNK, K, D)
     indices = np.array([9, 0, 5, 5, 3, 8])
@@ -197,6 +197,51 @@ def test_resume_equals_single_pass(tmp_path: Path, fmt: str) -> None:
     a, b = open_cache(one_go, "train").load_all(), open_cache(tmp_path / "resumed", "train").load_all()
     assert all(a[name].tobytes() == b[name].tobytes() for name in a)
     assert tree_bytes(one_go) == tree_bytes(tmp_path / "resumed")  # every file identical, byte for byte
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_keys_are_one_utf8_bytes_array_in_both_formats(tmp_path: Path, fmt: str) -> None:
+    data = make_data()
+    data["keys"] = [f"cl\u00e4sse/{i}" for i in range(N)]  # non-ASCII: 2 bytes in UTF-8
+    cache = open_cache(build(tmp_path, fmt=fmt, data=data), "train")
+    assert cache.keys.dtype == np.dtype(f"S{len(data['keys'][0].encode())}")
+    assert [key.decode() for key in cache.keys] == data["keys"]
+    writer = open_writer(tmp_path, data, make_meta(), fmt)  # resume compares keys as arrays
+    assert writer.pending_chunks() == []
+    with pytest.raises(GenddError, match="different keys"):
+        open_writer(tmp_path, data | {"keys": data["keys"][::-1]}, make_meta(), fmt)
+
+
+def _link_tree(store: Path, mirror: Path, how: str) -> dict[str, bytes]:
+    """Link every file of `store` from `mirror` the way DVC's hardlink or symlink cache types do; returns the bytes."""
+    before = tree_bytes(store)
+    for name in before:
+        (mirror / name).parent.mkdir(parents=True, exist_ok=True)
+        if how == "hardlink":
+            (mirror / name).hardlink_to(store / name)
+        else:  # the store's file becomes a symlink to the "cache" copy
+            (store / name).rename(mirror / name)
+            (store / name).symlink_to(mirror / name)
+    return before
+
+
+@pytest.mark.parametrize("how", ["hardlink", "symlink"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_writes_replace_files_and_never_modify_a_linked_one(tmp_path: Path, fmt: str, how: str) -> None:
+    """A DVC-linked cache (its files hardlinks or symlinks into DVC's cache) is rewritten by new files only: chunks
+    written again, a chunk redone after its done flag (tar) was deleted, and the attributes set again."""
+    data = make_data()
+    root = build(tmp_path / "cache", fmt=fmt, data=data)
+    store = root / ("train.zarr" if fmt == "zarr" else "train-features")
+    linked = _link_tree(store, tmp_path / "dvc-cache", how)
+    (store / ("done/c/1" if fmt == "zarr" else "train-000001.tar")).unlink()  # redo chunk 1
+    other = make_data(seed=1) | {"keys": data["keys"], "labels": data["labels"]}
+    writer = open_writer(root, data, make_meta(), fmt)
+    assert writer.pending_chunks() == [1]
+    write_chunks(writer, other, [0, 1])  # other values: a write in place would change the linked bytes
+    writer._store.set_complete()  # rewrites zarr.json / meta.json
+    assert tree_bytes(tmp_path / "dvc-cache") == linked
+    assert open_cache(root, "train").read_chunk(0)["views"].tobytes() == other["views"][:CHUNK].tobytes()
 
 
 def test_pending_chunks_split_across_ranks(tmp_path: Path) -> None:
