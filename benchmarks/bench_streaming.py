@@ -110,7 +110,8 @@ def feature_cache(index: ShardIndex, root: Path, args) -> Path:
         start, stop = i * index.shard_size, min(n, (i + 1) * index.shard_size)
         features = np.abs(rng.standard_normal((stop - start, k, d), dtype=np.float32))  # post-ReLU-like, >= 0
         logits = rng.standard_normal((stop - start, k, c), dtype=np.float32) * 3
-        views = sample_views(keys[start:stop], k, ViewPolicy(), args.seed, int(index.spec["image_size"]))
+        chunk_keys = np.strings.decode(keys[start:stop]).tolist()  # views are seeded by the key as str
+        views = sample_views(chunk_keys, k, ViewPolicy(), args.seed, int(index.spec["image_size"]))
         writer.write_chunk(i, features, logits, views)
     if not writer.finalize():
         raise SystemExit(f"{root}: the cache is incomplete after writing every chunk")

@@ -51,7 +51,7 @@ def class_counts(shards: Path) -> list[int]:
 
     index = load_index(shards)
     labels = index.split("train").keys_and_labels()[1]
-    return [labels.count(c) for c in range(int(index.spec["num_classes"]))]
+    return [int((labels == c).sum()) for c in range(int(index.spec["num_classes"]))]
 
 
 def shot_groups(per_class: list[float], counts: list[int]) -> dict[str, float]:
