@@ -166,6 +166,30 @@ class HeadSettings:
 
 
 @dataclass(frozen=True)
+class CheckpointPolicy:
+    """When training writes a checkpoint within an epoch (one is always written at each epoch's end). Saving never
+    changes what a run computes, so none of this is part of a run's fingerprint: changing it keeps a checkpoint."""
+
+    every_steps: int = 0  # after every N-th optimiser step of an epoch (0 = not by step count)
+    # After the first step that ends more than M minutes after the previous checkpoint (0 = not by time): a crash
+    # loses minutes, not an epoch, at any step time.
+    every_minutes: float = 5.0
+
+    def __post_init__(self) -> None:
+        require(self.every_steps >= 0, "checkpoint_every", ">= 0 (0 = only at epoch ends)", self.every_steps)
+        require(
+            math.isfinite(self.every_minutes) and self.every_minutes >= 0,
+            "checkpoint_minutes",
+            ">= 0 (0 = not by time)",
+            self.every_minutes,
+        )
+
+
+# TrainConfig fields a checkpoint does not have to match: a resumed run may be extended, and when it saves is free.
+_RESUMABLE_CHANGES = ("epochs", "checkpoints")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines one training run (its hash guards resumption)."""
 
@@ -189,6 +213,7 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "no"
     cpu: bool = False
+    checkpoints: CheckpointPolicy = field(default_factory=CheckpointPolicy)  # not part of the fingerprint
 
     def __post_init__(self) -> None:
         """Every setting in range before any work (the CLI passes options through unchanged)."""
@@ -222,8 +247,9 @@ class TrainConfig:
 
     def fingerprint(self) -> str:
         """Stable text of the settings that must match to resume a checkpoint (not `epochs`: a resumed run may be
-        extended)."""
-        return json.dumps({k: v for k, v in asdict(self).items() if k != "epochs"}, sort_keys=True, default=str)
+        extended; not the checkpoint policy: saving changes no result)."""
+        settings = {k: v for k, v in asdict(self).items() if k not in _RESUMABLE_CHANGES}
+        return json.dumps(settings, sort_keys=True, default=str)
 
 
 @dataclass(frozen=True)

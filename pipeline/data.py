@@ -66,14 +66,16 @@ class TrainInput(Protocol):
     def place(self, device: torch.device) -> None:
         """Move what lives on the device there (memory mode), once before training."""
 
-    def start(self, plan: EpochPlan, device: torch.device | None = None) -> None:
-        """Get ready to serve a run with this plan on `device` (the stream mode starts its loader workers)."""
+    def start(self, plan: EpochPlan, device: torch.device | None = None, start_step: int = 0) -> None:
+        """Get ready to serve a run with this plan on `device` from `start_step` of its epoch (the stream mode starts
+        its loader workers)."""
 
     def steps_per_epoch(self, seed: int, epoch: int, batch_size: int, world: int) -> int:
         """Optimiser steps of an epoch (the largest over ranks), known before it starts."""
 
-    def batches(self, plan: EpochPlan) -> Iterator[dict[str, torch.Tensor]]:
-        """This rank's batches of one epoch."""
+    def batches(self, plan: EpochPlan, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's batches of one epoch from its `start_step`-th on: the same batches an uninterrupted epoch
+        yields from there (a mid-epoch resume)."""
 
     def feature_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(features (n, K, D) float16, labels (n,)) of evenly spread cache chunks, for the target statistics."""
@@ -233,15 +235,16 @@ class MemoryInput:
         self.images = self.data.images.to(device)
         self.data = targets_to(self.data, device)
 
-    def start(self, plan: EpochPlan, device: torch.device | None = None) -> None:
+    def start(self, plan: EpochPlan, device: torch.device | None = None, start_step: int = 0) -> None:
         """Nothing to start: the split is in memory."""
 
     def steps_per_epoch(self, seed: int, epoch: int, batch_size: int, world: int) -> int:
         """Every rank takes the same number of samples, N // world (the remainder is left out of that epoch)."""
         return math.ceil(self.info.n // world / batch_size)
 
-    def batches(self, plan: EpochPlan) -> Iterator[dict[str, torch.Tensor]]:
-        """Batches of a global random order from (seed, epoch); rank r takes every world-th sample of it."""
+    def batches(self, plan: EpochPlan, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches of a global random order from (seed, epoch); rank r takes every world-th sample of it. The order is
+        drawn whole; a resume at `start_step` only skips the batches before it."""
         data, n = self.data, self.info.n
         gen = torch.Generator().manual_seed(plan.seed * 100_003 + plan.epoch)
         order = torch.randperm(n, generator=gen)
@@ -254,7 +257,7 @@ class MemoryInput:
         # One copy per epoch to where the targets live: the steps below slice and gather without host copies.
         where = data.labels.device
         order, view_index, views = order.to(where), view_index.to(where), views.to(where)
-        for start in range(0, len(order), plan.batch_size):
+        for start in range(start_step * plan.batch_size, len(order), plan.batch_size):
             idx = order[start : start + plan.batch_size]
             batch = {"images": self.images[idx.to(self.images.device)], "views": views[idx], "labels": data.labels[idx]}
             batch |= {"index": idx, "view": view_index[idx]}

@@ -6,6 +6,12 @@ reads a shard's image tar and the cache chunk of the same samples (chunks are al
 their keys agree, picks each sample's view from `view_plan`, and draws batches at random from a buffer of at least
 `shuffle_buffer` samples. Memory per worker: one decoded shard plus the buffer, whatever the split's size.
 
+Mid-epoch resume: a worker's batches are a function of (seed, epoch, rank, worker), and the DataLoader takes them from
+the workers round-robin, so the batches each worker delivered in an epoch's first s steps, and the worker it asks
+next, follow from the shard sizes (`delivered`). A worker resuming at step s replays its shuffle buffer's draws on
+sample positions alone (the draws depend only on the buffer's length), decodes just the shards whose samples are
+still waiting, then goes on as if never interrupted (the idea of mosaicml-streaming's deterministic resume).
+
 Uneven shard counts: ranks (and workers) may get a different number of samples in an epoch; nothing is dropped or
 repeated. Under DDP the training loop joins uneven inputs (`Accelerator.join_uneven_inputs`): a rank that runs out
 of batches first shadows the others' gradient all-reduces, so no rank waits forever.
@@ -40,6 +46,34 @@ def worker_shards(n_shards: int, plan: EpochPlan, worker: int, workers: int) -> 
     """Shards of one loader worker of one rank in an epoch: disjoint across (rank, worker), together all of them."""
     mine = shard_order(n_shards, plan.seed, plan.epoch)[plan.rank :: plan.world]
     return [int(i) for i in mine[worker::workers]]
+
+
+def worker_batches(counts: list[int], plan: EpochPlan, workers: int) -> list[int]:
+    """Batches each loader worker of a rank yields in an epoch: ceil(its samples / batch) (only the last is short)."""
+    workers = max(workers, 1)
+    samples = [sum(counts[i] for i in worker_shards(len(counts), plan, w, workers)) for w in range(workers)]
+    return [math.ceil(n / plan.batch_size) for n in samples]
+
+
+def delivered(batches: list[int], steps: int) -> tuple[list[int], int]:
+    """(batches each worker has delivered, the worker asked next) after a pass's first `steps`: the DataLoader asks
+    the workers in turn (0, 1, ...; persistent ones too), skipping those that have run out. A pass always starts at
+    worker 0, so a resumed one hands worker i the part of worker (i + next) % workers."""
+    taken, left, last = [0] * len(batches), steps, -1
+    while left > 0:
+        active = [w for w, n in enumerate(batches) if taken[w] < n]
+        if not active:
+            break
+        rounds = min(min(batches[w] - taken[w] for w in active), left // len(active))
+        if rounds == 0:  # a partial round: the first `left` active workers, in turn
+            for w in active[:left]:
+                taken[w] += 1
+            last = active[left - 1]
+            break
+        for w in active:
+            taken[w] += rounds
+        left, last = left - rounds * len(active), active[-1]
+    return taken, (last + 1) % max(len(batches), 1)
 
 
 class _Shards:
@@ -91,38 +125,77 @@ class _Buffer:
 
     def take(self, size: int) -> dict[str, np.ndarray]:
         """`size` random samples, removed from the buffer, stacked per field."""
+        taken = self.draw(size)
+        return {name: np.stack([row[name] for row in taken]) for name in taken[0]}
+
+    def draw(self, size: int) -> list:
+        """`size` random rows, removed from the buffer. Which rows, and the order left behind, depend only on the
+        number of rows and the generator: a replay on placeholder rows ends in the same state (a resume)."""
         picks = sorted(self.rng.choice(len(self.rows), size=min(size, len(self.rows)), replace=False), reverse=True)
         taken = []
         for p in picks:  # swap-remove: O(1) per sample
             taken.append(self.rows[p])
             self.rows[p] = self.rows[-1]
             self.rows.pop()
-        return {name: np.stack([row[name] for row in taken]) for name in taken[0]}
+        return taken
 
 
 class ShardStream(IterableDataset):
-    """One rank's training samples of an epoch, as shuffled batches (DataLoader with batch_size=None). The epoch is
-    read from a value shared with the loader workers, so persistent workers serve every epoch of a run."""
+    """One rank's training samples of an epoch, as shuffled batches (DataLoader with batch_size=None). The epoch and
+    the step it starts at are read from values shared with the loader workers, so persistent workers serve every
+    epoch of a run, a resumed one from its step."""
 
-    def __init__(self, source: _Shards, plan: EpochPlan, workers: int, shuffle_buffer: int, epoch) -> None:
+    def __init__(self, source: _Shards, plan: EpochPlan, workers: int, shuffle_buffer: int, epoch, step) -> None:
         super().__init__()
         self.source, self.plan, self.workers, self.shuffle_buffer = source, plan, max(workers, 1), shuffle_buffer
-        self.epoch = epoch  # multiprocessing.Value("q"): set by the trainer before each epoch's iteration
+        # multiprocessing.Value("q") each: set by the trainer before each epoch's iteration
+        self.epoch, self.step = epoch, step
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
         plan = replace(self.plan, epoch=int(self.epoch.value))
+        taken, first = delivered(worker_batches(self.source.set.counts, plan, self.workers), int(self.step.value))
+        worker = ((info.id if info is not None else 0) + first) % self.workers  # the part this process serves
         buffer = _Buffer(np.random.default_rng([plan.seed, plan.epoch, plan.rank, worker]))
+        full, skip = self.shuffle_buffer + plan.batch_size, taken[worker]
         try:
-            for i in worker_shards(len(self.source.set.names), plan, worker, self.workers):
+            shards = worker_shards(len(self.source.set.names), plan, worker, self.workers)
+            rest = self._fast_forward(buffer, shards, skip, plan) if skip else shards
+            while len(buffer.rows) >= full:  # a resume may stop where the buffer is still full
+                yield buffer.take(plan.batch_size)
+            for i in rest:
                 buffer.add(self.source.read(i, plan))
-                while len(buffer.rows) >= self.shuffle_buffer + plan.batch_size:
+                while len(buffer.rows) >= full:
                     yield buffer.take(plan.batch_size)
             while buffer.rows:
                 yield buffer.take(plan.batch_size)
         except GenddError as err:  # one line in the main process, not a worker traceback
             yield {_ERROR: str(err)}
+
+    def _fast_forward(self, buffer: _Buffer, shards: list[int], skip: int, plan: EpochPlan) -> list[int]:
+        """Put `buffer` where it is after this worker's first `skip` batches, without decoding what they held: the
+        draws are replayed on (shard, row) placeholders, then only shards with rows still waiting are read. Returns
+        the shards left to read."""
+        counts, full, done, rest = self.source.set.counts, self.shuffle_buffer + plan.batch_size, 0, []
+        for j, i in enumerate(shards):
+            buffer.rows.extend((j, r) for r in range(counts[i]))
+            while len(buffer.rows) >= full and done < skip:
+                buffer.draw(plan.batch_size)
+                done += 1
+            if done == skip:
+                rest = shards[j + 1 :]
+                break
+        while buffer.rows and done < skip:  # the skipped batches reach into the final drain
+            buffer.draw(plan.batch_size)
+            done += 1
+        waiting: dict[int, list[tuple[int, int]]] = {}  # shard position -> (slot in the buffer, row in the shard)
+        for slot, (j, r) in enumerate(buffer.rows):
+            waiting.setdefault(j, []).append((slot, r))
+        for j, slots in sorted(waiting.items()):  # one decoded shard at a time, as in a normal pass
+            block = self.source.read(shards[j], plan)
+            for slot, r in slots:
+                buffer.rows[slot] = {name: value[r].copy() for name, value in block.items()}
+        return rest
 
 
 class _OrderedShards(IterableDataset):
@@ -152,8 +225,8 @@ class _Loader:
     each epoch). Started before the model and its optimiser exist, they share little that is rewritten later.
     """
 
-    def __init__(self, dataset: IterableDataset, workers: int, pin: bool, epoch=None) -> None:
-        self.epoch = epoch
+    def __init__(self, dataset: IterableDataset, workers: int, pin: bool, epoch=None, step=None) -> None:
+        self.epoch, self.step = epoch, step
         self.loader = DataLoader(
             dataset,
             batch_size=None,
@@ -164,15 +237,18 @@ class _Loader:
             generator=torch.Generator().manual_seed(0),  # its worker seeds (unused) must not draw on the global RNG
         )
         self._fresh = iter(self.loader) if workers else None  # starts the workers (and their first prefetch) now
-        self._fresh_epoch = None if epoch is None else int(epoch.value)
+        self._fresh_pass = self._pass()
 
-    def iterate(self, epoch: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """One pass (of `epoch`); worker errors come back as one line."""
-        if self._fresh is not None and epoch == self._fresh_epoch:
+    def _pass(self) -> tuple[int | None, int]:
+        return (None if self.epoch is None else int(self.epoch.value), 0 if self.step is None else int(self.step.value))
+
+    def iterate(self, epoch: int | None = None, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """One pass (of `epoch`, from its `start_step`); worker errors come back as one line."""
+        if self._fresh is not None and (epoch, start_step) == self._fresh_pass:
             batches, self._fresh = self._fresh, None  # the pass the workers began when they started
         else:
-            if self.epoch is not None:
-                self.epoch.value = epoch  # read by the workers when this pass resets them
+            if self.epoch is not None:  # read by the workers when this pass resets them
+                self.epoch.value, self.step.value = epoch, start_step
             self._fresh, batches = None, iter(self.loader)
         try:
             for batch in batches:
@@ -236,34 +312,30 @@ class StreamInput:
     def place(self, device: torch.device) -> None:
         """Nothing to move: batches come from the loader (pinned for a GPU, see `start`)."""
 
-    def start(self, plan: EpochPlan, device: torch.device | None = None) -> None:
-        """Start the loader workers for a run with this plan (any epoch), before training allocates its memory;
-        batches are pinned in host memory for an asynchronous copy to a GPU."""
+    def start(self, plan: EpochPlan, device: torch.device | None = None, start_step: int = 0) -> None:
+        """Start the loader workers for a run with this plan (any epoch, from `start_step`: their first pass), before
+        training allocates its memory; batches are pinned in host memory for an asynchronous copy to a GPU."""
         template = replace(plan, epoch=0)
         if device is not None:
             self.pin = device.type == "cuda"
         if self._loader is None or template != self._template:
-            epoch = multiprocessing.get_context("fork").Value("q", plan.epoch, lock=False)
-            dataset = ShardStream(self.source, template, self.workers, self.shuffle_buffer, epoch)
-            self._loader, self._template = _Loader(dataset, self.workers, self.pin, epoch), template
+            context = multiprocessing.get_context("fork")
+            epoch, step = context.Value("q", plan.epoch, lock=False), context.Value("q", start_step, lock=False)
+            dataset = ShardStream(self.source, template, self.workers, self.shuffle_buffer, epoch, step)
+            self._loader, self._template = _Loader(dataset, self.workers, self.pin, epoch, step), template
 
     def steps_per_epoch(self, seed: int, epoch: int, batch_size: int, world: int) -> int:
         """A worker yields ceil(its samples / batch) batches; a rank's steps are its workers' sum (max over ranks)."""
         counts = self.source.set.counts
-        steps = 0
-        for rank in range(world):
-            plan = EpochPlan(seed, epoch, batch_size, rank, world)
-            per_worker = [
-                sum(counts[i] for i in worker_shards(len(counts), plan, w, max(self.workers, 1)))
-                for w in range(max(self.workers, 1))
-            ]
-            steps = max(steps, sum(math.ceil(c / batch_size) for c in per_worker))
-        return steps
+        return max(
+            sum(worker_batches(counts, EpochPlan(seed, epoch, batch_size, r, world), self.workers))
+            for r in range(world)
+        )
 
-    def batches(self, plan: EpochPlan) -> Iterator[dict[str, torch.Tensor]]:
-        """This rank's batches of one epoch (workers read ahead while the device trains)."""
+    def batches(self, plan: EpochPlan, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's batches of one epoch from its `start_step`-th on (workers read ahead while the device trains)."""
         self.start(plan)
-        return self._loader.iterate(plan.epoch)
+        return self._loader.iterate(plan.epoch, start_step)
 
     def feature_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Evenly spread cache chunks (all of them for small caches), read one at a time."""

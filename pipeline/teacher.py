@@ -47,6 +47,7 @@ class TeacherConfig:
     data: DataOptions = field(default_factory=DataOptions)
     small_stem: bool | None = None
     work_dir: str | Path | None = None  # checkpoint.pt of the training run (default: <out>/work); DVC caches `out`
+    resume: bool = True  # continue from checkpoint.pt in work_dir when it exists
 
 
 CHECKPOINT_ENTRIES = ("state_dict_ema", "model_ema", "state_dict", "model")  # timm's order: EMA weights first
@@ -226,7 +227,7 @@ def make_teacher(cfg: TeacherConfig) -> dict:
     else:
         data = open_train_input(cfg.shards, None, cfg.data, train_device(tcfg.cpu))
         work = check_writable(cfg.work_dir) if cfg.work_dir is not None else cfg.out / "work"
-        student, history = train(tcfg, data, work, size, evaluator)
+        student, history = train(tcfg, data, work, size, evaluator, cfg.resume)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under `accelerate launch`, one process writes the outputs

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import typer
 
-from pipeline.config import TUNED_LR, DataOptions, HeadSettings, ObjectiveConfig, TrainConfig, ViewPolicy
+from pipeline.config import (
+    TUNED_LR,
+    CheckpointPolicy,
+    DataOptions,
+    HeadSettings,
+    ObjectiveConfig,
+    TrainConfig,
+    ViewPolicy,
+)
 from stages.options import (
     BUFFER_HELP,
+    CHECKPOINT_EVERY_HELP,
+    CHECKPOINT_MINUTES_HELP,
     DATA_HELP,
     DEVICE_HELP,
     POLICY_HELP,
@@ -22,7 +32,7 @@ from stages.options import (
     use_cpu,
 )
 
-T, OBJ, H, D = TrainConfig, ObjectiveConfig, HeadSettings, DataOptions
+T, OBJ, H, D, C = TrainConfig, ObjectiveConfig, HeadSettings, DataOptions, CheckpointPolicy
 LR_HELP = (
     "Peak learning rate (default: the method's tuned one, "
     + ", ".join(f"{m} {lr:g}" for m, lr in TUNED_LR.items())
@@ -103,8 +113,10 @@ def command(
     data: DataMode = typer.Option(default(D, "mode"), help=DATA_HELP),
     workers: int = typer.Option(default(D, "workers"), help=WORKERS_HELP),
     shuffle_buffer: int = typer.Option(default(D, "shuffle_buffer"), help=BUFFER_HELP),
+    checkpoint_every: int = typer.Option(default(C, "every_steps"), help=CHECKPOINT_EVERY_HELP),
+    checkpoint_minutes: float = typer.Option(default(C, "every_minutes"), help=CHECKPOINT_MINUTES_HELP),
 ) -> None:
-    """Distil a student; checkpoints every epoch and resumes automatically."""
+    """Distil a student; checkpoints within and after every epoch and resumes automatically."""
     from pipeline.distill import DistillConfig, distill
 
     # One settings dataclass per group of options; --head-width is HeadSettings.width, and so on.
@@ -147,6 +159,7 @@ def command(
         seed=seed,
         mixed_precision=mixed_precision,
         cpu=use_cpu(device),
+        checkpoints=CheckpointPolicy(every_steps=checkpoint_every, every_minutes=checkpoint_minutes),
     )
     options = DataOptions(mode=data, workers=workers, shuffle_buffer=shuffle_buffer)
     config = DistillConfig(

@@ -50,6 +50,15 @@ BUFFER_HELP = "Stream mode: samples each loader worker shuffles among (memory ~ 
 DEVICE_HELP = "auto: the GPU when there is one, else the CPU; cpu; cuda (refused when no GPU is visible)."
 PRECISION_HELP = "Mixed precision through accelerate: no, bf16 or fp16 (GPU)."
 POLICY_HELP = "Augmentation views: rrc (random resized crop + flip), pad_crop, flip, none."
+CHECKPOINT_EVERY_HELP = (
+    "Also write the training checkpoint after every N-th optimiser step of an epoch (0 = not by step count); one is "
+    "always written at each epoch's end. A resume continues at the saved step with the same sample order and ends "
+    "with the same weights; never part of the run's settings, so changing it keeps a checkpoint."
+)
+CHECKPOINT_MINUTES_HELP = (
+    "Also write the training checkpoint after the first step more than M minutes after the previous one (0 = not by "
+    "time): a crash loses minutes, not an epoch. Saving changes no result."
+)
 
 
 def use_cpu(device: str) -> bool:

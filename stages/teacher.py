@@ -6,9 +6,11 @@ from pathlib import Path
 
 import typer
 
-from pipeline.config import DataOptions, ObjectiveConfig, TrainConfig, ViewPolicy
+from pipeline.config import CheckpointPolicy, DataOptions, ObjectiveConfig, TrainConfig, ViewPolicy
 from stages.options import (
     BUFFER_HELP,
+    CHECKPOINT_EVERY_HELP,
+    CHECKPOINT_MINUTES_HELP,
     DATA_HELP,
     DEVICE_HELP,
     POLICY_HELP,
@@ -22,7 +24,7 @@ from stages.options import (
     use_cpu,
 )
 
-T, D = TrainConfig, DataOptions
+T, D, C = TrainConfig, DataOptions, CheckpointPolicy
 
 
 def command(
@@ -45,9 +47,12 @@ def command(
     pretrained: bool = typer.Option(False, help="Use timm pretrained weights from the local cache."),
     mixed_precision: Precision = typer.Option(default(T, "mixed_precision"), help=PRECISION_HELP),
     device: Device = typer.Option("auto", help=DEVICE_HELP),
+    resume: bool = typer.Option(True, help="Continue from the checkpoint in --work-dir when it exists."),
     data: DataMode = typer.Option(default(D, "mode"), help=DATA_HELP),
     workers: int = typer.Option(default(D, "workers"), help=WORKERS_HELP),
     shuffle_buffer: int = typer.Option(default(D, "shuffle_buffer"), help=BUFFER_HELP),
+    checkpoint_every: int = typer.Option(default(C, "every_steps"), help=CHECKPOINT_EVERY_HELP),
+    checkpoint_minutes: float = typer.Option(default(C, "every_minutes"), help=CHECKPOINT_MINUTES_HELP),
 ) -> None:
     """Train or adopt the teacher; prints its validation top-1 and where it was written."""
     from pipeline.teacher import TeacherConfig, make_teacher
@@ -63,6 +68,7 @@ def command(
         seed=seed,
         mixed_precision=mixed_precision,
         cpu=use_cpu(device),
+        checkpoints=CheckpointPolicy(every_steps=checkpoint_every, every_minutes=checkpoint_minutes),
     )
     config = TeacherConfig(
         shards=shards,
@@ -73,6 +79,7 @@ def command(
         data=DataOptions(mode=data, workers=workers, shuffle_buffer=shuffle_buffer),
         small_stem=small_stem,
         work_dir=work_dir,
+        resume=resume,
     )
     card = make_teacher(config)
     if not card:  # a non-main process under `accelerate launch`
