@@ -334,7 +334,7 @@ class StreamInput:
 
     def batches(self, plan: EpochPlan, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's batches of one epoch from its `start_step`-th on (workers read ahead while the device trains)."""
-        self.start(plan)
+        self.start(plan, start_step=start_step)  # a first pass begins where it is asked to
         return self._loader.iterate(plan.epoch, start_step)
 
     def feature_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
