@@ -3,8 +3,10 @@ resume from it."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,9 +120,13 @@ def restore(state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 
 def load_checkpoint(path: Path, cfg: TrainConfig, resume: bool, provenance: dict, layout: dict) -> dict | None:
-    """The checkpoint at `path` when this run may continue it (None: none, or `resume` off); otherwise one error line.
-    `layout` (data mode, processes, loader workers, shuffle buffer) must match for a mid-epoch checkpoint: it decides
-    the order of the epoch's remaining batches. Tensors are memory-mapped, not read, until they are used."""
+    """The checkpoint at `path` when this run may continue it; None when there is none, `resume` is off, or it belongs
+    to another run. A checkpoint is another run's when other code wrote it, or other settings, inputs (teacher,
+    cache, dataset), more epochs than asked, or (stopped mid-epoch) another loader layout, which orders the epoch's
+    remaining batches. Such a checkpoint is never resumed: it is moved aside to `<name>.stale` with a note that
+    says why, and the run starts over. That is what a rerun `dvc repro` stage needs (DVC reruns a stage exactly
+    when its code, params or inputs changed, and keeps the persisted checkpoint), and nothing is lost: move the
+    file back and pass the old settings to continue it. Tensors are memory-mapped, not read, until they are used."""
     if not resume or not path.is_file():
         return None
     try:
@@ -129,50 +135,52 @@ def load_checkpoint(path: Path, cfg: TrainConfig, resume: bool, provenance: dict
         raise GenddError(f"{path} is damaged ({type(err).__name__}): delete it, or pass --no-resume") from err
     theirs = state.get("code") if isinstance(state, dict) else None
     if theirs != code_hash():
-        raise GenddError(
-            f"{path} was written by other code (gendd code {str(theirs)[:12]}, this is {code_hash()[:12]}): "
-            "pass --no-resume to start over, or delete it"
-        )
-    if state["fingerprint"] != cfg.fingerprint():
-        raise GenddError(f"{path} was written with other settings; delete it (or the output dir) or pass --no-resume")
-    _check_epochs(path, state, cfg)
-    _check_provenance(path, state.get("provenance", {}), provenance)
-    _check_layout(path, state, layout)
+        why = f"was written by other code (gendd code {str(theirs)[:12]}, this is {code_hash()[:12]})"
+    elif state["fingerprint"] != cfg.fingerprint():
+        why = "was written with other settings"
+    else:
+        why = _epochs_problem(state, cfg) or _provenance_problem(state.get("provenance", {}), provenance)
+        why = why or _layout_problem(state, layout)
+    if why:
+        _set_aside(path, why)
+        return None
     return state
 
 
-def _check_layout(path: Path, state: dict, layout: dict) -> None:
+def _set_aside(path: Path, why: str) -> None:
+    stale = path.with_name(path.name + ".stale")
+    with contextlib.suppress(FileNotFoundError):  # another rank moved it first
+        os.replace(path, stale)  # a rename: a checkpoint DVC linked is never written to
+    print(f"note: {path} {why}: starting over (kept as {stale.name})", flush=True)
+
+
+def _layout_problem(state: dict, layout: dict) -> str | None:
     theirs = state.get("layout") or {}
     if not state.get("partial") or theirs == layout:  # at an epoch's end, any layout may read the next epoch
-        return
+        return None
     keys = ["data"] if theirs.get("data") != layout["data"] else [k for k in layout if theirs.get(k) != layout[k]]
     differs = ", ".join(f"{k} {theirs.get(k)} (now {layout[k]})" for k in keys)
-    raise GenddError(
-        f"{path} stopped within an epoch, reading with {differs}: resume with the same --data, --workers, "
-        "--shuffle-buffer and processes, or pass --no-resume"
+    return (
+        f"stopped within an epoch, reading with {differs} (the same --data, --workers, --shuffle-buffer and "
+        "processes continue it)"
     )
 
 
-def _check_epochs(path: Path, state: dict, cfg: TrainConfig) -> None:
+def _epochs_problem(state: dict, cfg: TrainConfig) -> str | None:
     if state["epoch"] + 1 <= cfg.total_epochs:
-        return
+        return None
     extra = cfg.total_epochs - cfg.epochs  # a warm start before the budget
     budget = f"--epochs {cfg.epochs}" + (f" + {extra} warm-start epochs" if extra else "")
     held = f"{state['epoch'] + 1} trained epochs"
     if state.get("partial"):
         held = f"{state['epoch']} trained epochs and {state['partial']['steps']} steps of epoch {state['epoch'] + 1}"
-    raise GenddError(
-        f"{path} holds {held}, more than {budget}: pass --epochs {state['epoch'] + 1 - extra} or more "
-        "(a larger value continues the run), or --no-resume"
-    )
+    return f"holds {held}, more than {budget} (--epochs {state['epoch'] + 1 - extra} or more continues it)"
 
 
-def _check_provenance(path: Path, found: dict, provenance: dict) -> None:
+def _provenance_problem(found: dict, provenance: dict) -> str | None:
     keys = [*provenance, *(key for key in found if key not in provenance)]  # the teacher first: the likeliest mix-up
     differs = [key for key in keys if found.get(key) != provenance.get(key)]
-    if differs:  # resuming would mix two teachers (or datasets) in one student
-        key = differs[0]
-        raise GenddError(
-            f"{path} was trained from {key} {str(found.get(key))[:16]}, this run reads {str(provenance.get(key))[:16]}:"
-            " pass the original cache and shards, or --no-resume to start over"
-        )
+    if not differs:  # resuming would mix two teachers (or datasets) in one student
+        return None
+    key = differs[0]
+    return f"was trained from {key} {str(found.get(key))[:16]}, this run reads {str(provenance.get(key))[:16]}"

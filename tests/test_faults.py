@@ -203,12 +203,6 @@ def _other_teacher_eval(w: World, tmp: Path, mp) -> list:
     return evaluate_args(w, tmp / "eval", cache=w.cache_b)
 
 
-def _other_teacher_resume(w: World, tmp: Path, mp) -> list:
-    student = Path(shutil.copytree(w.student, tmp / "student"))
-    (student / "student.json").unlink()  # an interrupted run: the checkpoint remains, the export does not
-    return distill_args(w, student, cache=w.cache_b)
-
-
 def _diverged(w: World, tmp: Path, mp) -> list:
     import pipeline.train
 
@@ -319,7 +313,6 @@ CASES: list[Case] = [
     ("truncated-shard", _truncated_shard, ("train-000001.tar", "gendd prepare")),
     ("cache-of-other-shards", _mismatched_cache, ("spec", "gendd extract")),
     ("eval-other-teacher", _other_teacher_eval, ("teacher", "distilled from")),
-    ("resume-other-teacher", _other_teacher_resume, ("teacher checkpoint", "--no-resume")),
     ("training-diverges", _diverged, ("epoch 1 step 3", "NaN", "--lr")),
     ("student-weights-truncated", _damaged_student("student.safetensors"), ("student.safetensors", "damaged")),
     ("student-card-truncated", _damaged_student("student.json"), ("student.json", "damaged")),

@@ -222,16 +222,45 @@ def test_when_checkpoints_are_written_changes_no_weight(tmp_path: Path, monkeypa
 # ---- refusals ------------------------------------------------------------------------------------------------
 
 
-def test_checkpoint_of_other_code_is_refused_in_one_line(tmp_path: Path, monkeypatch) -> None:
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_checkpoint_of_other_code_is_set_aside_and_the_run_starts_over(tmp_path: Path, monkeypatch, capsys) -> None:
     cfg = replace(TINY, epochs=2, warmstart_epochs=0, checkpoints=NEVER)
+    fresh, _ = train(cfg, _data(), tmp_path / "fresh", 8)
     train(replace(cfg, epochs=1), _data(), tmp_path, 8)
+    theirs = (tmp_path / "checkpoint.pt").read_bytes()
     monkeypatch.setattr(checkpoint_module, "code_hash", lambda: "f" * 64)
-    with pytest.raises(GenddError) as info:
-        train(cfg, _data(), tmp_path, 8)
-    message = str(info.value)
-    assert "\n" not in message and f"{tmp_path / 'checkpoint.pt'} was written by other code" in message
-    assert f"(gendd code {code_hash()[:12]}, this is ffffffffffff): pass --no-resume" in message
-    train(cfg, _data(), tmp_path, 8, resume=False)  # --no-resume starts over
+    capsys.readouterr()
+    student, history = train(cfg, _data(), tmp_path, 8)
+    note = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert note == [
+        f"note: {tmp_path / 'checkpoint.pt'} was written by other code (gendd code {code_hash()[:12]}, this is "
+        "ffffffffffff): starting over (kept as checkpoint.pt.stale)"
+    ]
+    assert (tmp_path / "checkpoint.pt.stale").read_bytes() == theirs  # nothing the user made is lost
+    assert [h["epoch"] for h in history] == [1, 2] and _same(student, fresh)  # epoch 1 trained again, not resumed
+
+
+@pytest.mark.parametrize("other", ["teacher", "settings", "fewer epochs"])
+def test_checkpoint_of_another_run_is_never_resumed(tmp_path: Path, capsys, other: str) -> None:
+    cfg = replace(TINY, epochs=2, warmstart_epochs=0, checkpoints=NEVER)
+    ours = {"teacher checkpoint sha256": "a" * 64}
+    train(cfg, _data(), tmp_path, 8, provenance=ours)
+    now, provenance, why = cfg, ours, "was written with other settings"
+    if other == "teacher":
+        provenance, why = {"teacher checkpoint sha256": "b" * 64}, "was trained from teacher checkpoint sha256 aaaa"
+    elif other == "settings":
+        now = replace(cfg, lr=1e-2)
+    else:
+        now, why = replace(cfg, epochs=1), "holds 2 trained epochs, more than --epochs 1"
+    capsys.readouterr()
+    fresh, _ = train(now, _data(), tmp_path / "fresh", 8, provenance=provenance)
+    student, history = train(now, _data(), tmp_path, 8, provenance=provenance)
+    out = capsys.readouterr().out
+    assert why in out and "starting over (kept as checkpoint.pt.stale)" in out
+    assert len(history) == now.epochs and _same(student, fresh)
 
 
 def test_code_hash_covers_every_module_of_the_package(tmp_path: Path) -> None:
@@ -246,7 +275,9 @@ def test_code_hash_covers_every_module_of_the_package(tmp_path: Path) -> None:
     assert tree_hash(tmp_path) == first and len(code_hash()) == 64 and code_hash() == code_hash()
 
 
-def test_mid_epoch_checkpoint_of_another_loader_layout_is_refused(uneven, tmp_path: Path, monkeypatch) -> None:
+def test_mid_epoch_checkpoint_of_another_loader_layout_is_set_aside(
+    uneven, tmp_path: Path, monkeypatch, capsys
+) -> None:
     shards, cache = uneven
     cfg = TrainConfig(
         model="test_resnet",
@@ -264,10 +295,18 @@ def test_mid_epoch_checkpoint_of_another_loader_layout_is_refused(uneven, tmp_pa
         _kill_at(patch, 0, 4)
         with pytest.raises(KeyboardInterrupt):
             train(cfg, source(1)(), tmp_path, 8)
-    with pytest.raises(GenddError, match=r"stopped within an epoch, reading with workers 1 \(now 2\)") as info:
-        train(cfg, source(2)(), tmp_path, 8)
-    assert "\n" not in str(info.value)
+    capsys.readouterr()
+    train(cfg, source(2)(), tmp_path, 8)  # another layout: set aside, trained from the start
+    assert "stopped within an epoch, reading with workers 1 (now 2)" in capsys.readouterr().out
+    assert (tmp_path / "checkpoint.pt.stale").is_file()
+    (tmp_path / "checkpoint.pt").unlink()  # the finished run's
+    with monkeypatch.context() as patch:
+        _kill_at(patch, 0, 4)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, source(1)(), tmp_path, 8)
+    capsys.readouterr()
     train(cfg, source(0)(), tmp_path, 8)  # in-process reading orders batches as one worker does
+    assert "resuming" in capsys.readouterr().out
 
 
 def test_every_minutes_writes_a_checkpoint_after_the_interval(tmp_path: Path, monkeypatch) -> None:
