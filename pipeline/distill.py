@@ -20,7 +20,7 @@ from pipeline.locations import check_readable
 from pipeline.models import ModelCard, feature_dim, save_model
 from pipeline.outputs import atomic_path, check_writable, write_json, write_text
 from pipeline.shards import load_index
-from pipeline.store import open_cache
+from pipeline.store import cache_meta
 from pipeline.train import TrainConfig, open_train_input, train
 
 STANDALONE_LOADER = '''"""Rebuild the distilled student with timm alone (no gendd needed): python load_student.py"""
@@ -63,14 +63,14 @@ def _input_size(cfg: DistillConfig) -> int:
     if cfg.train.input_size:
         return cfg.train.input_size
     if cfg.cache is not None:
-        return int(open_cache(cfg.cache, "train").meta.teacher["input_size"])
+        return int(cache_meta(cfg.cache, "train").teacher["input_size"])
     return int(load_index(cfg.shards).spec["image_size"])
 
 
 def _check_cache_views(cfg: DistillConfig) -> None:
     if cfg.cache is None:
         return
-    policy = open_cache(cfg.cache, "train").meta.views.get("policy", {})
+    policy = cache_meta(cfg.cache, "train").views.get("policy", {})
     if policy.get("kind") not in POLICIES:
         raise GenddError(
             f"cache {cfg.cache} uses view policy {policy.get('kind')!r}, which this gendd cannot replay; "
@@ -82,7 +82,7 @@ def provenance(shards: str | Path, cache: str | Path | None) -> dict:
     """What a student is trained from: the dataset spec, and the teacher checkpoint and feature cache it read."""
     record = {}
     if cache is not None:
-        meta = open_cache(cache, "train").meta
+        meta = cache_meta(cache, "train")
         blob = json.dumps(asdict(meta), sort_keys=True).encode()
         record["teacher checkpoint sha256"] = meta.teacher["checkpoint_sha256"]
         record["feature cache"] = hashlib.sha256(blob).hexdigest()

@@ -151,15 +151,15 @@ def open_train_input(
     """The training input of a split in the requested mode (`auto`: estimated, printed and chosen)."""
     from accelerate import PartialState
 
-    from pipeline.store import open_cache
+    from pipeline.store import cache_meta
     from pipeline.stream import StreamInput
 
     index = load_index(shards)
     k = d = 0
     c = int(index.spec["num_classes"])
     if cache is not None:
-        store = open_cache(cache, split, spec_hash=index.spec_hash)
-        k, d, c = store.K, store.feature_dim, store.num_classes
+        meta = cache_meta(cache, split)  # sizes only: the chosen input opens and checks the cache whole
+        k, d, c = int(meta.views["K"]), int(meta.teacher["feature_dim"]), int(meta.teacher["num_classes"])
     mode, line = choose_mode(options.mode, footprint(index, split, k, d, c), device, split)
     if PartialState().is_main_process:
         print(line, flush=True)
