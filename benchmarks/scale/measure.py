@@ -26,9 +26,9 @@ from pathlib import Path
 
 import yaml
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent  # the pipeline folder measured (--dir: another checkout's)
 ROOT = HERE.parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = ROOT / "benchmarks" / "results"  # always this checkout's
 OUTPUTS = ("data", "work", "students", "eval", "report")
 MIB = 1 << 20
 
@@ -190,6 +190,11 @@ def probe_reader(shards: Path, cache: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _commit(where: Path) -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True, text=True)
+    return out.stdout.strip()
+
+
 def _json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -272,17 +277,114 @@ def markdown(result: dict) -> str:
     ]
     lines += ["", "| figure | value |", "| --- | ---: |"]
     lines += [f"| {k} | {result[k]} |" for k in keys if k in result]
+    if "recheck" in result:
+        check = result["recheck"]
+        lines += [
+            "",
+            f"The stage table is `dvc repro` under code {result.get('repro_code')}; the headline memory figures above "
+            f"(metadata, stream peak ratio, open and first-batch times, stream images/s) are `measure.py --recheck` "
+            f"under code {check['code']}: each distill run alone on the same data, without DVC "
+            f"(repro-time values: `repro_*` keys of the JSON).",
+            "",
+            "| recheck run | seconds | images/s | peak PSS MiB | peak RSS MiB | processes |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for label, r in check["runs"].items():
+            lines.append(
+                f"| {label} | {r['seconds']:,.0f} | {r['images_per_s']:,.0f} | {r['peak_pss_mib']:,.0f} "
+                f"| {r['peak_rss_mib']:,.0f} | {r['processes']} |"
+            )
     lines += ["", "| student | probe top-1 | generative top-1 | refit top-1 |", "| --- | ---: | ---: | ---: |"]
     for run, m in result["students"].items():
         lines.append(f"| {run} | {m.get('probe_top1')} | {m.get('generative_top1')} | {m.get('refit_top1')} |")
     return "\n".join(lines) + "\n"
 
 
+def recheck(params: dict) -> dict:
+    """The stream memory and metadata figures under this checkout's code, on the finished data: `gendd distill`
+    kd on the full and the 1/16 data, each run alone under the sampler (no DVC), and the reader probe."""
+    runs = {}
+    for part in ("full", "sixteenth"):
+        out = HERE / "work" / "recheck" / f"{part}-kd"
+        options = [f"--{k}={v}" for k, v in params["distill"].items() if not isinstance(v, bool)]
+        options += [f"--{k}" if v else f"--no-{k}" for k, v in params["distill"].items() if isinstance(v, bool)]
+        cmd = [
+            "gendd",
+            "distill",
+            "--shards",
+            f"data/{part}/shards",
+            "--cache",
+            f"data/{part}/cache",
+            "--out",
+            str(out),
+        ]
+        cmd += ["--method", "kd", "--no-resume", *options]
+        started = time.time()
+        with open(HERE / "work" / f"recheck-{part}.log", "w") as log:
+            proc = subprocess.Popen(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT)
+            sampler = TreeSampler(proc.pid)
+            sampler.start()
+            code = proc.wait()
+            sampler.stop.set()
+            sampler.join()
+        if code != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed ({code}): see work/recheck-{part}.log")
+        (rec,) = sampler.stages.values()
+        history = _json(out / "train.json").get("history", [{}])
+        runs[f"distill {part}-kd"] = {
+            "seconds": round(time.time() - started, 1),
+            "peak_pss_mib": round(rec["peak_pss"] / MIB, 1),
+            "peak_rss_mib": round(rec["peak_rss"] / MIB, 1),
+            "processes": rec["processes"],
+            "images_per_s": history[-1].get("images_per_s"),
+        }
+    probe = probe_reader(HERE / "data/full/shards", HERE / "data/full/cache")
+    return {
+        "code": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip(),
+        "runs": runs,
+        "stream_peak_ratio_16x": round(
+            runs["distill full-kd"]["peak_pss_mib"] / runs["distill sixteenth-kd"]["peak_pss_mib"], 3
+        ),
+        "metadata_mb_per_process": round(probe["metadata_bytes"] / 1e6, 1),
+        "open_cache_s": round(probe["open_cache_s"], 2),
+        "first_batch_s": round(probe["first_batch_s"], 2),
+        "stream_images_per_s": runs["distill full-kd"]["images_per_s"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--machine", default="cpu", help="names the result files: scale_imagenet_<machine>")
     parser.add_argument("--skip-repro", action="store_true", help="measure finished outputs only (no stage table)")
+    parser.add_argument("--dir", type=Path, default=None, help="the pipeline folder to measure (default: this one)")
+    parser.add_argument(
+        "--recheck",
+        action="store_true",
+        help="add the stream memory and metadata figures of this checkout's code (finished data, no DVC) to the "
+        "existing result, as `recheck`, and make them the headline figures",
+    )
     args = parser.parse_args()
+    if args.dir is not None:  # every helper reads the module's HERE
+        globals()["HERE"] = args.dir.resolve()
+    if args.recheck:
+        name = f"scale_imagenet_{args.machine}"
+        result = _json(RESULTS / f"{name}.json")
+        if not result:
+            raise SystemExit(f"no {RESULTS / name}.json to add to: run measure.py first")
+        result.setdefault("repro_code", _commit(HERE))  # the checkout whose `dvc repro` made the stage table
+        result["recheck"] = recheck(yaml.safe_load((HERE / "params.yaml").read_text()))
+        for key in ("stream_peak_ratio_16x", "metadata_mb_per_process", "open_cache_s", "first_batch_s"):
+            result[f"repro_{key}"], result[key] = result.get(key), result["recheck"][key]
+        result["stream_images_per_s"] = result["recheck"]["stream_images_per_s"]
+        result["command"] += (
+            f" && python measure.py --recheck{' --machine ' + args.machine if args.machine != 'cpu' else ''}"
+        )
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (RESULTS / f"{name}.md").write_text(markdown(result))
+        print(markdown(result))
+        return
     params = yaml.safe_load((HERE / "params.yaml").read_text())
     command = "cd benchmarks/scale && python measure.py"
     command += f" --machine {args.machine}" if args.machine != "cpu" else ""
