@@ -131,6 +131,8 @@ def load_checkpoint(path: Path, cfg: TrainConfig, resume: bool, provenance: dict
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except FileNotFoundError:  # another rank set it aside between the check above and here
+        return None
     except Exception as err:  # torch raises several types for a damaged file (pickle, zip, EOF, mmap)
         raise GenddError(f"{path} is damaged ({type(err).__name__}): delete it, or pass --no-resume") from err
     theirs = state.get("code") if isinstance(state, dict) else None
@@ -148,7 +150,9 @@ def load_checkpoint(path: Path, cfg: TrainConfig, resume: bool, provenance: dict
 
 
 def _set_aside(path: Path, why: str) -> None:
-    stale = path.with_name(path.name + ".stale")
+    stale, n = path.with_name(path.name + ".stale"), 1
+    while stale.exists():  # never over an earlier one: each may hold a long run
+        stale, n = path.with_name(f"{path.name}.stale{n}"), n + 1
     with contextlib.suppress(FileNotFoundError):  # another rank moved it first
         os.replace(path, stale)  # a rename: a checkpoint DVC linked is never written to
     print(f"note: {path} {why}: starting over (kept as {stale.name})", flush=True)
@@ -156,14 +160,12 @@ def _set_aside(path: Path, why: str) -> None:
 
 def _layout_problem(state: dict, layout: dict) -> str | None:
     theirs = state.get("layout") or {}
-    if not state.get("partial") or theirs == layout:  # at an epoch's end, any layout may read the next epoch
+    if theirs == layout:  # the layout orders every epoch's batches: another one is another run, even between epochs
         return None
     keys = ["data"] if theirs.get("data") != layout["data"] else [k for k in layout if theirs.get(k) != layout[k]]
     differs = ", ".join(f"{k} {theirs.get(k)} (now {layout[k]})" for k in keys)
-    return (
-        f"stopped within an epoch, reading with {differs} (the same --data, --workers, --shuffle-buffer and "
-        "processes continue it)"
-    )
+    where = "stopped within an epoch" if state.get("partial") else "was trained"
+    return f"{where}, reading with {differs} (the same --data, --workers, --shuffle-buffer and processes continue it)"
 
 
 def _epochs_problem(state: dict, cfg: TrainConfig) -> str | None:

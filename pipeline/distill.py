@@ -86,7 +86,8 @@ def provenance(shards: str | Path, cache: str | Path | None) -> dict:
         blob = json.dumps(asdict(meta), sort_keys=True).encode()
         record["teacher checkpoint sha256"] = meta.teacher["checkpoint_sha256"]
         record["feature cache"] = hashlib.sha256(blob).hexdigest()
-    return record | {"dataset spec": load_index(shards).spec_hash}
+    index = load_index(shards)
+    return record | {"dataset spec": index.spec_hash, "train shards": index.split("train").digest}
 
 
 def live_logger(live_dir: Path) -> Callable[[list[dict]], None]:

@@ -52,6 +52,14 @@ class ShardSet:
         """Number of samples in the split."""
         return sum(self.counts)
 
+    @property
+    def digest(self) -> str | None:
+        """sha256 over the split's shard hashes in order: what its pixels and labels are (None: an index without
+        hashes). A training checkpoint records it, so a run over changed shards never resumes one."""
+        if not self.hashes:
+            return None
+        return hashlib.sha256("\n".join(self.hashes).encode()).hexdigest()
+
     def path(self, i: int) -> Path | str:
         """Location of shard i: a Path locally, the URL string for a remote root."""
         return locations.join(self.root, self.names[i])

@@ -153,7 +153,9 @@ def _array_samples(spec: DataSpec, split: str, on_total: Callable[[int], None]) 
         yield Sample(f"{spec.name}-{split}-{i:07d}", _fit(images[i], spec), int(labels[i]) if spec.labeled else -1)
 
 
-_SYNTHETIC_BLOCK = 4096  # samples drawn together: vectorised, and each block seeded on its own
+# Samples drawn together (vectorised; each block seeded on its own): up to 4096, fewer for large images so that a
+# block's float64 noise stays within 128 MB (16 px RGB: 4096 samples; 224 px RGB: 111).
+_SYNTHETIC_VALUES = 1 << 24
 
 
 def synthetic_prototypes(spec: DataSpec) -> np.ndarray:
@@ -178,9 +180,10 @@ def _synthetic(spec: DataSpec, split: str, on_total: Callable[[int], None]) -> I
     n, prototypes = int(spec.splits[split]), synthetic_prototypes(spec)
     on_total(n)
     split_code = int.from_bytes(hashlib.sha256(split.encode()).digest()[:4], "little")
-    for block_start in range(0, n, _SYNTHETIC_BLOCK):
-        size = min(_SYNTHETIC_BLOCK, n - block_start)
-        rng = np.random.default_rng([spec.seed, split_code, block_start // _SYNTHETIC_BLOCK])
+    block = max(1, min(4096, _SYNTHETIC_VALUES // (spec.image_size**2 * spec.channels)))
+    for block_start in range(0, n, block):
+        size = min(block, n - block_start)
+        rng = np.random.default_rng([spec.seed, split_code, block_start // block])
         labels = rng.integers(0, spec.num_classes, size)
         images = prototypes[labels] + rng.uniform(-40, 40, (size, 1, 1, 1)).astype(np.float32)
         images += rng.normal(0, 50, images.shape).astype(np.float32)

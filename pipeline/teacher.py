@@ -227,7 +227,9 @@ def make_teacher(cfg: TeacherConfig) -> dict:
     else:
         data = open_train_input(cfg.shards, None, cfg.data, train_device(tcfg.cpu))
         work = check_writable(cfg.work_dir) if cfg.work_dir is not None else cfg.out / "work"
-        student, history = train(tcfg, data, work, size, evaluator, cfg.resume)
+        # What the teacher learns from: a rerun over other shards (DVC keeps the checkpoint) never resumes it.
+        origin = {"dataset spec": index.spec_hash, "train shards": index.split("train").digest}
+        student, history = train(tcfg, data, work, size, evaluator, cfg.resume, provenance=origin)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under `accelerate launch`, one process writes the outputs

@@ -282,6 +282,8 @@ class _Run:
         """Write the checkpoint (main process): after `epoch`, or within it at `progress`."""
         model = self.accelerator.unwrap_model(self.model)
         state = self.state | checkpoint_state(epoch, progress, seconds_now, self.history, model, self.optimizer)
+        if getattr(self.accelerator, "scaler", None) is not None:  # fp16: the loss scale goes on where it was
+            state["scaler"] = self.accelerator.scaler.state_dict()
         _save_checkpoint(self.checkpoint, state)
         self.kept, self.saved_at = describe(state), monotonic()
 
@@ -311,6 +313,8 @@ def _start_run(cfg: TrainConfig, data: TrainInput, input_size: int, ckpt_path: P
         accelerator.print(f"resuming {ckpt_path.parent} from {describe(state)}")
     has_proj = model.proj is not None
     model, optimizer = accelerator.prepare(model, optimizer)
+    if state is not None and "scaler" in state and getattr(accelerator, "scaler", None) is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
     epoch_steps = [data.steps_per_epoch(cfg.seed, e, cfg.batch_size, world) for e in range(cfg.total_epochs)]
     warmup = max(1, int(cfg.warmup_epochs * epoch_steps[0]))
     data.place(accelerator.device)

@@ -344,3 +344,21 @@ def test_checkpoint_options_reach_the_training_config(stage: str, monkeypatch, t
     assert TrainConfig().checkpoints == CheckpointPolicy(every_steps=0, every_minutes=5.0)  # the documented default
     with pytest.raises(GenddError, match="--checkpoint-every must be >= 0"):
         CheckpointPolicy(every_steps=-1)
+
+
+def test_a_second_set_aside_keeps_the_first(tmp_path: Path) -> None:
+    cfg = replace(TINY, epochs=1, warmstart_epochs=0, checkpoints=NEVER)
+    train(cfg, _data(), tmp_path, 8)
+    first = (tmp_path / "checkpoint.pt").read_bytes()
+    train(replace(cfg, lr=1e-2), _data(), tmp_path, 8)
+    train(replace(cfg, lr=2e-2), _data(), tmp_path, 8)
+    assert (tmp_path / "checkpoint.pt.stale").read_bytes() == first and (tmp_path / "checkpoint.pt.stale1").is_file()
+
+
+def test_a_finished_run_with_another_loader_layout_is_another_run(uneven, tmp_path: Path, capsys) -> None:
+    shards, cache = uneven
+    cfg = TrainConfig(model="test_resnet", objective=ObjectiveConfig(method="kd"), epochs=1, batch_size=16, cpu=True)
+    train(cfg, StreamInput(shards.root, cache, "train", DataOptions("stream", 1, 16)), tmp_path, 8)
+    capsys.readouterr()
+    _, history = train(cfg, StreamInput(shards.root, cache, "train", DataOptions("stream", 2, 16)), tmp_path, 8)
+    assert "was trained, reading with workers 1 (now 2)" in capsys.readouterr().out and len(history) == 1
