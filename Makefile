@@ -18,7 +18,7 @@ setup: $(STAMP)
 # The main job: the whole DVC pipeline on the embedded digits data, then the comparison table. `dvc repro` copies new
 # outputs into its cache; the relink leaves one copy of each (hard links; .dvc/config's cache.type).
 run: setup
-	. $(BIN)/activate && dvc repro && dvc checkout --relink -q && cat outputs/report/report.md
+	. $(BIN)/activate && dvc repro && dvc checkout --relink -q dvc.yaml && cat outputs/report/report.md
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -442,10 +442,10 @@ def train(
 ) -> tuple[Student, list[dict]]:
     """Train for cfg.epochs, checkpointing after every epoch and within epochs per `cfg.checkpoints` (resumes from
     one at the step it reached, with the same remaining batches); returns the student and its history.
-    `provenance` (teacher checkpoint, cache and dataset fingerprints) is kept in the checkpoint: a resume that reads
-    other inputs, or runs other code, is refused. A resume with more `epochs` than the checkpoint's run continues it:
-    the cosine schedule is recomputed for the new total, from the step reached. `on_epoch(history)` runs on the main
-    process after each epoch's checkpoint (live metrics)."""
+    `provenance` (teacher checkpoint, cache and dataset fingerprints) is kept in the checkpoint: a checkpoint of
+    other inputs, settings or code is set aside and the run starts over. A resume with more `epochs` than the
+    checkpoint's run continues it: the cosine schedule is recomputed for the new total, from the step reached.
+    `on_epoch(history)` runs on the main process after each epoch's checkpoint (live metrics)."""
     provenance = provenance or {}
     if isinstance(data, TrainData):
         data = MemoryInput(data)
@@ -466,4 +466,7 @@ def train(
             if on_epoch is not None:
                 on_epoch(run.history)
         acc.wait_for_everyone()
+    if start >= cfg.total_epochs and on_epoch is not None and acc.is_main_process:
+        # A finished run resumed (e.g. `dvc repro --force`, which deletes the live metrics first): write them again.
+        on_epoch(run.history)
     return acc.unwrap_model(run.model).cpu().eval(), run.history

@@ -362,3 +362,11 @@ def test_a_finished_run_with_another_loader_layout_is_another_run(uneven, tmp_pa
     capsys.readouterr()
     _, history = train(cfg, StreamInput(shards.root, cache, "train", DataOptions("stream", 2, 16)), tmp_path, 8)
     assert "was trained, reading with workers 1 (now 2)" in capsys.readouterr().out and len(history) == 1
+
+
+def test_a_finished_run_resumed_writes_its_live_metrics_again(tmp_path: Path) -> None:
+    cfg = replace(TINY, epochs=1, warmstart_epochs=0, checkpoints=NEVER)
+    seen: list[list[dict]] = []
+    train(cfg, _data(), tmp_path, 8, on_epoch=lambda history: seen.append(list(history)))
+    _, history = train(cfg, _data(), tmp_path, 8, on_epoch=lambda history: seen.append(list(history)))
+    assert len(seen) == 2 and seen[1] == history == seen[0]  # nothing trained again, the curves rewritten
