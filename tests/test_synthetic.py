@@ -13,8 +13,9 @@ import yaml
 
 from pipeline.errors import GenddError
 from pipeline.shards import load_split, prepare_shards
-from pipeline.sources import iter_source, synthetic_prototypes
+from pipeline.sources import iter_source
 from pipeline.specs import load_spec
+from pipeline.synthetic import synthetic_prototypes
 
 from .conftest import ROOT
 

@@ -125,6 +125,19 @@ class TreeSampler(threading.Thread):
             self.stop.wait(self.period)
 
 
+def sampled(cmd: list[str], log: Path) -> tuple[int, TreeSampler]:
+    """Run `cmd` in the pipeline folder (output to `log`) under a TreeSampler; (exit code, the sampler)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(cmd, cwd=HERE, stdout=handle, stderr=subprocess.STDOUT)
+        sampler = TreeSampler(proc.pid)
+        sampler.start()
+        code = proc.wait()
+        sampler.stop.set()
+        sampler.join()
+    return code, sampler
+
+
 # ---- helpers -------------------------------------------------------------------------------------------------
 
 
@@ -320,13 +333,7 @@ def recheck(params: dict) -> dict:
         ]
         cmd += ["--method", "kd", "--no-resume", *options]
         started = time.time()
-        with open(HERE / "work" / f"recheck-{part}.log", "w") as log:
-            proc = subprocess.Popen(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT)
-            sampler = TreeSampler(proc.pid)
-            sampler.start()
-            code = proc.wait()
-            sampler.stop.set()
-            sampler.join()
+        code, sampler = sampled(cmd, HERE / "work" / f"recheck-{part}.log")
         if code != 0:
             raise SystemExit(f"{' '.join(cmd)} failed ({code}): see work/recheck-{part}.log")
         (rec,) = sampler.stages.values()
@@ -392,14 +399,7 @@ def main() -> None:
     started = time.time()
     if not args.skip_repro:
         log = HERE / "work" / "repro.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as handle:
-            proc = subprocess.Popen(["dvc", "repro"], cwd=HERE, stdout=handle, stderr=subprocess.STDOUT)
-            sampler = TreeSampler(proc.pid)
-            sampler.start()
-            code = proc.wait()
-            sampler.stop.set()
-            sampler.join()
+        code, sampler = sampled(["dvc", "repro"], log)
         if code != 0:
             raise SystemExit(f"dvc repro failed ({code}): see {log}")
         result["repro_s"] = round(time.time() - started, 1)
