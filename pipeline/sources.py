@@ -154,9 +154,9 @@ def _array_samples(spec: DataSpec, split: str, on_total: Callable[[int], None]) 
 
 
 def _synthetic(spec: DataSpec, split: str, on_total: Callable[[int], None]) -> Iterator[Sample]:
-    from pipeline.synthetic import synthetic_samples
+    from pipeline.synthetic import synthetic_samples  # (key, image, label): synthetic.py imports nothing from here
 
-    return synthetic_samples(spec, split, on_total)
+    return (Sample(key, image, label) for key, image, label in synthetic_samples(spec, split, on_total))
 
 
 @dataclass(frozen=True)

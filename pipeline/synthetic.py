@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from pipeline.sources import Sample
 from pipeline.specs import DataSpec
 
 # Samples drawn together (vectorised; each block seeded on its own): up to 4096, fewer for large images so that a
@@ -31,7 +30,9 @@ def synthetic_prototypes(spec: DataSpec) -> np.ndarray:
     return upsample(coarse) + upsample(fine)
 
 
-def synthetic_samples(spec: DataSpec, split: str, on_total: Callable[[int], None]) -> Iterator[Sample]:
+def synthetic_samples(
+    spec: DataSpec, split: str, on_total: Callable[[int], None]
+) -> Iterator[tuple[str, np.ndarray, int]]:
     """Deterministic, learnable samples generated on the fly (like torchvision's FakeData, but a class is a
     pattern, so a teacher learns something): class prototype, shifted by up to 3 pixels (wrapping), brightness
     jitter and Gaussian noise. Sample i depends only on (seed, split name, i // block): any run makes the same."""
@@ -49,4 +50,4 @@ def synthetic_samples(spec: DataSpec, split: str, on_total: Callable[[int], None
         for i in range(size):
             image = np.clip(np.roll(images[i], tuple(shifts[i]), axis=(0, 1)), 0, 255).astype(np.uint8)
             label = int(labels[i]) if spec.labeled else -1
-            yield Sample(f"{spec.name}-{split}-{block_start + i:07d}", image, label)
+            yield f"{spec.name}-{split}-{block_start + i:07d}", image, label
