@@ -1,10 +1,12 @@
 """What the cache buys: steps/s of GenDD distillation with cached targets, online teacher targets, plain CE, and
 targets already on the device.
 
-Per case, in one process, the same batches (the memory mode's batches of epoch 0, `pipeline.data.MemoryInput`, as
-the training loop draws them) and one optimiser step = forward, loss via `compute_objective`, backward, AdamW:
+Per case, in one process, the same batches (the memory mode's batches of epoch 0,
+`pipeline.train.memory.MemoryInput`, as the training loop draws them) and one optimiser step = forward, loss via
+`compute_objective`, backward, AdamW:
 - cached: images on the device, views applied, cached teacher outputs gathered by the memory mode from its in-memory
-  arrays and moved to the device (`MemoryInput.batches` + `pipeline.train.batch_targets`, exactly what `train` calls);
+  arrays and moved to the device (`MemoryInput.batches` + `pipeline.train.student.batch_targets`, exactly what
+  `train` calls);
 - online: the teacher (`TeacherRunner`) runs on the same views every step, then the same student + head step;
 - ce: the plain student with cross-entropy (no teacher, no head);
 - in-memory: student inputs (views applied) and targets precomputed on the device; only the model step is timed;
@@ -38,13 +40,15 @@ from benchlib import (
     write_results,
 )
 
-from pipeline.config import HeadSettings, ObjectiveConfig
-from pipeline.data import EpochPlan, MemoryInput, memory_input
-from pipeline.extract import ExtractConfig, TeacherRunner, extract
-from pipeline.shards import ShardIndex
-from pipeline.store import open_cache
-from pipeline.train import Student, TrainConfig, batch_targets, build_student, param_groups, target_stats
-from pipeline.views import apply_views
+from pipeline.cache.store import open_cache
+from pipeline.config import ExtractConfig, HeadSettings, ObjectiveConfig, TrainConfig
+from pipeline.data.shards import ShardIndex
+from pipeline.data.views import apply_views
+from pipeline.distill.student import target_stats
+from pipeline.extract.extract import TeacherRunner, extract
+from pipeline.train.input import EpochPlan
+from pipeline.train.memory import MemoryInput, memory_input
+from pipeline.train.student import Student, batch_targets, build_student, param_groups
 
 NAME = "cache_speedup"
 
@@ -308,7 +312,7 @@ def main() -> None:
         f"{args.mixed_precision}; {args.steps} steps x {args.rounds} rounds per variant, best round.",
         "loading overhead = cached step / in-memory step - 1 (views applied + cache gather + host->device copy); "
         "speedup = online / cached step time; ideal = (in-memory step + teacher forward) / in-memory step.",
-        "views_ms and gather_ms: the cached step's data work alone (apply_views; pipeline.train._batch), and "
+        "views_ms and gather_ms: the cached step's data work alone (apply_views; pipeline.train.loop._batch), and "
         "data_work_share = their sum over the in-memory step: the overhead without the round-to-round noise; "
         "head_fwd_bwd_ms: the generative head's loss forward + backward alone on head_rows = batch x tokens x "
         "diffusion_batch_mul denoiser rows.",

@@ -40,13 +40,14 @@ from benchlib import (
     write_results,
 )
 
-import pipeline.extract as extract_mod
-import pipeline.shards as shards_mod
-import pipeline.store as store_mod
-import pipeline.views as views_mod
-from pipeline.extract import ExtractConfig, TeacherRunner, decode_workers, extract
-from pipeline.shards import ShardIndex, ShardSet, load_split
-from pipeline.views import ViewPolicy, sample_views
+import pipeline.cache.store as store_mod
+import pipeline.data.shards as shards_mod
+import pipeline.data.views as views_mod
+import pipeline.extract.extract as extract_mod
+from pipeline.config import ExtractConfig, ViewPolicy
+from pipeline.data.shards import ShardIndex, ShardSet, load_split
+from pipeline.data.views import sample_views
+from pipeline.extract.extract import TeacherRunner, decode_workers, extract
 
 NAME = "extract"
 

@@ -92,8 +92,10 @@ print(json.dumps({
 
 def build(work: Path, n: int) -> tuple[Path, Path]:
     """The shards' index.json + keys files and the cache's Zarr store for N samples (no shard, no chunk data)."""
-    from pipeline.shards import INDEX, write_keys_files
-    from pipeline.store import CacheMeta, FeatureCacheWriter
+    from pipeline.cache.meta import CacheMeta
+    from pipeline.cache.store import FeatureCacheWriter
+    from pipeline.data.prepare import write_keys_files
+    from pipeline.data.shards import INDEX
 
     shards, cache = work / "shards", work / "cache"
     if (shards / INDEX).is_file() and (cache / "train.zarr" / "zarr.json").is_file():

@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 from benchlib import digits_shards, machine, make_parser, result_name, setup, timed, trained_teacher, write_results
 
-from pipeline.config import HeadSettings, ObjectiveConfig
-from pipeline.distill import DistillConfig, distill
-from pipeline.evaluate import SamplingConfig, predict, topk_accuracy
-from pipeline.extract import ExtractConfig, extract
-from pipeline.shards import load_index, load_split
-from pipeline.store import open_cache
-from pipeline.train import TrainConfig, load_student
+from pipeline.cache.store import open_cache
+from pipeline.config import ExtractConfig, HeadSettings, ObjectiveConfig, SamplingConfig, TrainConfig
+from pipeline.data.shards import load_index, load_split
+from pipeline.distill.distill import DistillConfig, distill
+from pipeline.distill.student import load_student
+from pipeline.evaluate.predict import predict
+from pipeline.extract.extract import extract
+from pipeline.train.probe import topk_accuracy
 
 NAME = "sampling"
 GRID = (("ddpm", 100), ("ddim", 25), ("ddim", 10), ("dpmsolver", 10), ("dpmsolver", 5))

@@ -39,7 +39,8 @@ def child(args) -> None:
     """Run one extraction here and print its time and memory as one JSON line."""
     import accelerate  # noqa: F401  (imported before the baseline: extract imports it lazily)
 
-    from pipeline.extract import ExtractConfig, extract
+    from pipeline.config import ExtractConfig
+    from pipeline.extract.extract import extract
 
     torch.set_num_threads(args.threads)
     cfg = ExtractConfig(

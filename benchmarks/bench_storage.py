@@ -2,7 +2,7 @@
 
 Features are real: teachers trained here on digits for a few epochs (post-ReLU pooled ResNet features, with the
 zeros and skew that real caches have), run over the train split with K views. The same float32 arrays go through
-`FeatureCacheWriter` (chunk = 256 samples, as the shards) for every codec in `pipeline.store.CODECS`, and back through
+`FeatureCacheWriter` (chunk = 256 samples, as the shards) for every codec in `pipeline.config.CODECS`, and back through
 `open_cache(...).load_all()`; best of `--repeats` for the throughputs.
 
   python benchmarks/bench_storage.py                        # test_resnet (96-d) and resnet18 (512-d), K=8, CPU
@@ -25,10 +25,12 @@ from benchlib import (
     write_results,
 )
 
-from pipeline.extract import TeacherRunner, teacher_fingerprint
-from pipeline.shards import ShardIndex, load_split
-from pipeline.store import CODECS, CacheMeta, FeatureCacheWriter, open_cache
-from pipeline.views import ViewPolicy, sample_views
+from pipeline.cache.meta import CacheMeta
+from pipeline.cache.store import FeatureCacheWriter, open_cache
+from pipeline.config import CODECS, ViewPolicy
+from pipeline.data.shards import ShardIndex, load_split
+from pipeline.data.views import sample_views
+from pipeline.extract.extract import TeacherRunner, teacher_fingerprint
 
 NAME = "storage"
 

@@ -43,10 +43,13 @@ from benchlib import (
     write_results,
 )
 
-from pipeline.shards import ShardIndex, prepare_shards
-from pipeline.specs import load_spec
-from pipeline.store import CacheMeta, FeatureCacheWriter
-from pipeline.views import ViewPolicy, sample_views
+from pipeline.cache.meta import CacheMeta
+from pipeline.cache.store import FeatureCacheWriter
+from pipeline.config import ViewPolicy
+from pipeline.data.prepare import prepare_shards
+from pipeline.data.shards import ShardIndex
+from pipeline.data.specs import load_spec
+from pipeline.data.views import sample_views
 
 NAME = "streaming"
 MODES = ("memory", "stream")

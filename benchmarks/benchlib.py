@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.data.prepare import prepare_shards
+from pipeline.data.shards import ShardIndex
+from pipeline.data.specs import load_spec
 from pipeline.models import ModelCard, create_model, feature_dim, save_model
-from pipeline.shards import ShardIndex, prepare_shards
-from pipeline.specs import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -258,9 +259,9 @@ def random_teacher(out: Path, name: str, index: ShardIndex, input_size: int, sma
 
 
 def trained_teacher(out: Path, index: ShardIndex, name: str, epochs: int, device: torch.device) -> Path:
-    """A teacher trained here with cross-entropy (pipeline.teacher.make_teacher); reused when already there."""
+    """A teacher trained here with cross-entropy (pipeline.teacher.teacher.make_teacher); reused when already there."""
     from pipeline.config import ObjectiveConfig, TrainConfig
-    from pipeline.teacher import TeacherConfig, make_teacher
+    from pipeline.teacher.teacher import TeacherConfig, make_teacher
 
     if (out / "teacher.json").is_file():
         return out

@@ -13,21 +13,24 @@ from pipeline.errors import GenddError, require, require_choice
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """What a distillation method reads and trains (its loss: pipeline/objectives.py, LOSSES)."""
+    """What a distillation method reads and trains, and the module holding its loss (`LOSSES[name]`), imported only
+    when the method runs: the teacher's training never loads GenDD's head."""
 
     supervised: bool  # trains on labels: the data must have them
     uses_cache: bool  # reads the teacher's cached features or logits
     uses_head: bool  # trains the generative head on the teacher's features (GenDD)
     probe: str  # what trains the student's own classifier: labels (ce), KD, or the teacher's softmax alone (kl)
+    module: str = "pipeline.train.losses"  # GenDD's: pipeline.distill.objectives (its head, targets, losses)
 
 
+GENDD = "pipeline.distill.objectives"
 # The one table of methods: the CLI's choices, the data each needs, the modules it trains.
 METHOD_SPECS = {
     "ce": MethodSpec(supervised=True, uses_cache=False, uses_head=False, probe="ce"),
     "kd": MethodSpec(supervised=True, uses_cache=True, uses_head=False, probe="kd"),
     "kl": MethodSpec(supervised=False, uses_cache=True, uses_head=False, probe="kl"),
-    "gendd": MethodSpec(supervised=True, uses_cache=True, uses_head=True, probe="ce"),
-    "gendd_unsup": MethodSpec(supervised=False, uses_cache=True, uses_head=True, probe="kl"),
+    "gendd": MethodSpec(supervised=True, uses_cache=True, uses_head=True, probe="ce", module=GENDD),
+    "gendd_unsup": MethodSpec(supervised=False, uses_cache=True, uses_head=True, probe="kl", module=GENDD),
 }
 METHODS = tuple(METHOD_SPECS)
 PREDICTIONS = ("epsilon", "v_prediction", "sample")

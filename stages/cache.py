@@ -18,7 +18,7 @@ def info(
 ) -> None:
     """What is in a store: shapes, codec, completeness, bytes per cached value, and damage visible without reading
     the chunks (missing chunk files, unset done flags, an unfinished store)."""
-    from pipeline.store import open_cache
+    from pipeline.cache.store import open_cache
 
     stats = open_cache(path, split, allow_incomplete=True).info()
     rows = [(k, v) for k, v in stats.items() if k not in ("stored_bytes", "damage")]
@@ -52,7 +52,7 @@ def verify(
     """Integrity check: read every chunk of every array (checksums, shapes, dtypes, NaN/inf, done flags, labels,
     keys, attributes), then recompute random pairs with the teacher. Lists every problem on stdout and exits 2 when
     there is any."""
-    from pipeline.verify import verify as run_verify
+    from pipeline.extract.verify import verify as run_verify
 
     report = run_verify(path, split, teacher=teacher, shards=shards, samples=samples, seed=seed, quick=quick)
     for line in report.lines():

@@ -117,7 +117,7 @@ def command(
     checkpoint_minutes: float = typer.Option(default(C, "every_minutes"), help=CHECKPOINT_MINUTES_HELP),
 ) -> None:
     """Distil a student; checkpoints within and after every epoch and resumes automatically."""
-    from pipeline.distill import DistillConfig, distill
+    from pipeline.distill.distill import DistillConfig, distill
 
     # One settings dataclass per group of options; --head-width is HeadSettings.width, and so on.
     objective = ObjectiveConfig(

@@ -41,7 +41,7 @@ def command(
     ),
 ) -> None:
     """Evaluate a student; writes metrics.json (the scalars DVC shows), details.json and a per-class plot."""
-    from pipeline.evaluate import run_evaluation
+    from pipeline.evaluate.evaluate import run_evaluation
     from stages.options import use_cpu
 
     sampling = None

@@ -31,7 +31,7 @@ def command(
     ),
 ) -> None:
     """Extract teacher features and logits; finished chunks are skipped, so a killed run resumes."""
-    from pipeline.extract import extract
+    from pipeline.extract.extract import extract
     from stages.options import use_cpu
 
     cfg = ExtractConfig(

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from pipeline.shards import prepare_shards
-from pipeline.specs import load_spec
+from pipeline.data.prepare import prepare_shards
+from pipeline.data.specs import load_spec
 
 
 def command(

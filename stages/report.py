@@ -14,7 +14,7 @@ def command(
     cache: Path | None = typer.Option(None, help="Feature cache, for its size in the report."),
 ) -> None:
     """Write and print the comparison table."""
-    from pipeline.report import write_report
+    from pipeline.evaluate.report import write_report
 
     typer.echo(write_report(evals, students, out, cache))
     typer.echo(f"-> {out}/report.md, {out}/accuracy.png, {out}/curves.png")

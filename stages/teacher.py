@@ -55,7 +55,7 @@ def command(
     checkpoint_minutes: float = typer.Option(default(C, "every_minutes"), help=CHECKPOINT_MINUTES_HELP),
 ) -> None:
     """Train or adopt the teacher; prints its validation top-1 and where it was written."""
-    from pipeline.teacher import TeacherConfig, make_teacher
+    from pipeline.teacher.teacher import TeacherConfig, make_teacher
 
     train = TrainConfig(
         model=model,

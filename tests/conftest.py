@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.shards import ShardIndex, prepare_shards
-from pipeline.specs import load_spec
+from pipeline.data.prepare import prepare_shards
+from pipeline.data.shards import ShardIndex
+from pipeline.data.specs import load_spec
 
 # The test models are tiny (8-32 px), so intra-op threads gain nothing; with a core busy elsewhere, OpenMP's second
 # thread made a CPU epoch up to 18x slower (measured on 2 cores). Set before torch loads: it holds here and in every

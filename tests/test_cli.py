@@ -41,7 +41,7 @@ def test_every_distill_option_reaches_the_training_config(monkeypatch, tmp_path:
     """Options that differ from the defaults must arrive in TrainConfig (a dropped one silently trains defaults)."""
     from typer.testing import CliRunner
 
-    import pipeline.distill
+    import pipeline.distill.distill
     from stages.app import app
 
     seen = {}
@@ -50,7 +50,7 @@ def test_every_distill_option_reaches_the_training_config(monkeypatch, tmp_path:
         seen["train"] = cfg.train
         return {"final": {}, "epochs": 0, "train_seconds": 0.0}
 
-    monkeypatch.setattr(pipeline.distill, "distill", capture)
+    monkeypatch.setattr(pipeline.distill.distill, "distill", capture)
     args = ["--shards", str(tmp_path), "--out", str(tmp_path / "o"), "--head-lr-mult", "1", "--no-target-norm"]
     args += ["--head-prediction", "sample", "--diffusion-batch-mul", "7", "--head-width", "96", "--token-dim", "32"]
     args += ["--cond-dropout", "0.1", "--warmstart-epochs", "2", "--contraction", "0.5", "--mixup-beta", "0"]

@@ -113,7 +113,7 @@ def test_exported_student_rebuilds_without_gendd(run: Path) -> None:
     code = (out / "load_student.py").read_text().replace("here = pathlib.Path(__file__).parent", f"here = {str(out)!r}")
     code = code.replace("here /", "pathlib.Path(here) /")
     exec(compile(code, "load_student.py", "exec"), namespace)
-    from pipeline.train import load_student
+    from pipeline.distill.student import load_student
 
     ours, _ = load_student(out)
     x = torch.randn(4, 1, 8, 8)

@@ -20,12 +20,13 @@ import torch
 import zarr
 from torch import nn
 
+from pipeline.cache.store import FeatureCacheWriter, open_cache
+from pipeline.config import ExtractConfig, ViewPolicy
+from pipeline.data.shards import ShardIndex, read_shard
+from pipeline.data.views import apply_views, sample_views
 from pipeline.errors import GenddError
-from pipeline.extract import ExtractConfig, TeacherRunner, extract, extract_split
+from pipeline.extract.extract import TeacherRunner, extract, extract_split
 from pipeline.models import ModelCard, create_model, feature_dim, features, linear_head, save_model, sha256_file
-from pipeline.shards import ShardIndex, read_shard
-from pipeline.store import FeatureCacheWriter, open_cache
-from pipeline.views import ViewPolicy, apply_views, sample_views
 
 K, BATCH, SIZE, CHUNKS = 3, 50, 8, 4  # 200 samples / 64 per shard -> 4 chunks
 ARRAYS = ("features", "logits", "views", "labels", "keys", "head/weight", "head/bias", "done")
@@ -276,7 +277,7 @@ def test_decode_worker_processes_write_the_same_store(cfg: ExtractConfig, refere
 
 
 def test_decode_workers_auto_spares_a_small_machine(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline import extract as extract_mod
+    from pipeline.extract import extract as extract_mod
 
     for cores, want in ((1, 0), (2, 0), (4, 2), (16, 8), (64, 8)):
         monkeypatch.setattr(extract_mod.os, "cpu_count", lambda c=cores: c)
@@ -381,7 +382,7 @@ def test_resume_with_other_views_is_refused(cfg: ExtractConfig, reference: Path)
 def test_verify_refuses_another_teacher(
     reference: Path, digits_shards: ShardIndex, tmp_path: Path, teacher: Teacher
 ) -> None:
-    from pipeline.verify import verify
+    from pipeline.extract.verify import verify
 
     other = _make_teacher(tmp_path, digits_shards, 1, {"spec_hash": digits_shards.spec_hash})
     assert other.sha256 != teacher.sha256

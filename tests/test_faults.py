@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.shards import ShardIndex
+from pipeline.data.shards import ShardIndex
 from stages.app import main
 
 from .conftest import DIGITS_SPEC
@@ -151,12 +151,13 @@ def _disk_full_on_export(w: World, tmp: Path, mp) -> list:
 
 
 def _disk_full_on_checkpoint(w: World, tmp: Path, mp) -> list:
-    import pipeline.train
+    import pipeline.train.loop
+    import pipeline.train.student
 
     def full(obj, path, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    mp.setattr(pipeline.train.torch, "save", full)
+    mp.setattr(pipeline.train.loop.torch, "save", full)
     return distill_args(w, tmp / "student")
 
 
@@ -204,9 +205,10 @@ def _other_teacher_eval(w: World, tmp: Path, mp) -> list:
 
 
 def _diverged(w: World, tmp: Path, mp) -> list:
-    import pipeline.train
+    import pipeline.train.loop
+    import pipeline.train.student
 
-    real = pipeline.train.Student.forward
+    real = pipeline.train.student.Student.forward
     calls = {"n": 0}
 
     def poisoned(self, *a, **k):
@@ -214,7 +216,7 @@ def _diverged(w: World, tmp: Path, mp) -> list:
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] == 3 else loss), logs
 
-    mp.setattr(pipeline.train.Student, "forward", poisoned)
+    mp.setattr(pipeline.train.student.Student, "forward", poisoned)
     return distill_args(w, tmp / "student", "--epochs", "2")
 
 

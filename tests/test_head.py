@@ -5,8 +5,9 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+from pipeline.config import SAMPLERS
+from pipeline.distill.head import GenerativeHead, HeadConfig, tokenize, untokenize
 from pipeline.errors import GenddError
-from pipeline.head import SAMPLERS, GenerativeHead, HeadConfig, tokenize, untokenize
 
 TINY = HeadConfig(feature_dim=8, cond_dim=4, token_dim=4, width=128, depth=2)
 TARGETS = torch.stack([torch.ones(8), -torch.ones(8)])  # (2, D_T): one target per condition

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.data.folders import val_count
+from pipeline.data.prepare import prepare_shards
+from pipeline.data.shards import read_shard, read_shard_labels
+from pipeline.data.sources import iter_source
+from pipeline.data.specs import load_spec
 from pipeline.errors import GenddError
-from pipeline.shards import prepare_shards, read_shard, read_shard_labels
-from pipeline.sources import iter_source, val_count
-from pipeline.specs import load_spec
 
 SIZES = {"bird": 10, "cat": 7, "dog": 4}  # val_fraction 0.25 -> 2.5, 1.75, 1.0 -> 3, 2, 1 val images (half up)
 

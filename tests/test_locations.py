@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from pipeline import locations
+from pipeline.cache.meta import CacheMeta
+from pipeline.cache.store import FeatureCacheWriter, open_cache
+from pipeline.data.shards import ShardIndex, decode_shard, load_index, read_shard_labels
 from pipeline.errors import GenddError
 from pipeline.locations import check_local_out, check_readable, is_url, join
-from pipeline.shards import ShardIndex, decode_shard, load_index, read_shard_labels
-from pipeline.store import CacheMeta, FeatureCacheWriter, open_cache
 
 from .conftest import serve_http
 

@@ -52,12 +52,42 @@ def _imported_code(module: str) -> set[str]:
     return seen
 
 
+def _covered(path: str, deps: list[str]) -> bool:
+    """Whether a dep of a stage is the file or a folder above it."""
+    return any(path == dep or path.startswith(dep.rstrip("/") + "/") for dep in deps)
+
+
+def _code_deps(stage: dict) -> list[str]:
+    return [dep for dep in stage["deps"] if dep.startswith(("pipeline", "stages"))]
+
+
 def test_every_stage_depends_on_the_code_it_runs() -> None:
     """A stage whose imported code is missing from its deps would not rerun when that code changes."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
-        missing = _imported_code(f"stages.{name}") - set(stage["deps"])
+        missing = [path for path in _imported_code(f"stages.{name}") if not _covered(path, stage["deps"])]
         assert not missing, f"dvc.yaml stage {name} lacks deps {sorted(missing)}"
+
+
+def test_stage_code_deps_are_narrow() -> None:
+    """Each code dep is imported by its stage (no stale or spare folder), and the data stages depend on no
+    student-side code: editing the GenDD head, the objectives or evaluation never reruns the teacher or the cache."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        imported = _imported_code(f"stages.{name}")
+        spare = [dep for dep in _code_deps(stage) if not any(_covered(path, [dep]) for path in imported)]
+        assert not spare, f"dvc.yaml stage {name} depends on code it does not import: {spare}"
+    for name in ("prepare", "teacher", "extract"):
+        for student_side in ("pipeline/distill/head.py", "pipeline/distill/objectives.py", "pipeline/evaluate/x.py"):
+            assert not _covered(student_side, stages[name]["deps"]), f"{name} depends on {student_side}"
+    assert len(_code_deps(stages["teacher"])) <= 14, "the teacher's code deps should be a handful of folders"
+
+
+def test_the_narrowness_check_sees_a_student_side_dep() -> None:
+    """The check itself: a folder dep above the head counts as depending on it."""
+    assert _covered("pipeline/distill/head.py", ["pipeline/distill"])
+    assert _covered("pipeline/distill/head.py", ["pipeline"])
+    assert not _covered("pipeline/distill/head.py", ["pipeline/dist"])
 
 
 def _run(cwd: Path, *args: str) -> str:
@@ -75,7 +105,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("project")
     for name in ("pipeline", "stages", "data_specs"):
         shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore"):
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / name, root / name)
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -129,6 +159,23 @@ def test_dag_metrics_and_plots(project: Path) -> None:
     assert "probe_top1" in _run(project, sys.executable, "-m", "dvc", "metrics", "show")
     _run(project, sys.executable, "-m", "dvc", "plots", "show", "-o", str(project / "plots"))
     assert (project / "plots" / "index.html").is_file()
+
+
+@pytest.mark.slow
+def test_editing_the_head_leaves_teacher_and_cache_up_to_date(project: Path) -> None:
+    """After a repro, an edit to the GenDD head is a change of the distill (and evaluate) stages only: the teacher
+    and the cache, the expensive stages, stay up to date in `dvc status`."""
+    head = project / "pipeline" / "distill" / "head.py"
+    original = head.read_text()
+    assert "up to date" in _run(project, sys.executable, "-m", "dvc", "status")  # after the tests above
+    try:
+        head.write_text(original + "\n# an edit\n")
+        status = _run(project, sys.executable, "-m", "dvc", "status")
+    finally:
+        head.write_text(original)
+    changed = {line.rstrip(":") for line in status.splitlines() if line and not line.startswith((" ", "\t"))}
+    assert {"prepare", "teacher", "extract"}.isdisjoint(changed), changed
+    assert any(stage.startswith("distill@") for stage in changed), status
 
 
 def _weights(path: Path) -> dict:

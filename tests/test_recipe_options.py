@@ -8,11 +8,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pipeline.config import HeadSettings, TrainConfig
+from pipeline.config import HeadSettings, ObjectiveConfig, TrainConfig
+from pipeline.distill.head import GenerativeHead, HeadConfig
+from pipeline.distill.objectives import contract_targets, soft_anchor_labels
 from pipeline.errors import GenddError
-from pipeline.head import GenerativeHead, HeadConfig
-from pipeline.objectives import ObjectiveConfig, compute_objective, contract_targets, soft_anchor_labels
-from pipeline.train import build_student, train
+from pipeline.train.loop import train
+from pipeline.train.losses import compute_objective
+from pipeline.train.student import build_student
 from tests.test_train import TINY, _data, _info
 
 

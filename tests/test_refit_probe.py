@@ -13,10 +13,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from pipeline.data.shards import ShardIndex
 from pipeline.errors import GenddError
-from pipeline.evaluate import SHOWN_METRICS, fit_refit_probes
+from pipeline.evaluate.evaluate import SHOWN_METRICS
+from pipeline.evaluate.refit import fit_refit_probes
 from pipeline.models import load_model, sha256_file
-from pipeline.shards import ShardIndex
 from stages.app import main
 
 from .test_faults import run_cli
@@ -141,7 +142,7 @@ def test_a_probe_needs_two_classes_and_unseen_classes_are_never_predicted(capsys
     x[:, 0] += 3 * labels
     (model, converged) = fit_refit_probes({"features": x}, labels, 3)["features"]
     assert "2 of 3 classes" in capsys.readouterr().out and converged
-    from pipeline.evaluate import refit_logits
+    from pipeline.evaluate.refit import refit_logits
 
     logits = refit_logits(model, x, 3)
     assert torch.isinf(logits[:, 2]).all() and (logits.argmax(1).numpy() == labels).mean() > 0.9

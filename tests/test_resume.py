@@ -13,16 +13,18 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-import pipeline.checkpoint as checkpoint_module
-import pipeline.train as train_module
-from pipeline.checkpoint import code_hash, tree_hash
+import pipeline.train.checkpoint as checkpoint_module
+import pipeline.train.loop as train_module
 from pipeline.config import CheckpointPolicy, DataOptions, HeadSettings, ObjectiveConfig, TrainConfig
-from pipeline.data import EpochPlan, MemoryInput
+from pipeline.data.prepare import prepare_shards
+from pipeline.data.shards import ShardIndex
+from pipeline.data.specs import load_spec
 from pipeline.errors import GenddError
-from pipeline.shards import ShardIndex, prepare_shards
-from pipeline.specs import load_spec
-from pipeline.stream import StreamInput, _Shards, delivered
-from pipeline.train import train
+from pipeline.train.checkpoint import code_hash, tree_hash
+from pipeline.train.input import EpochPlan
+from pipeline.train.loop import train
+from pipeline.train.memory import MemoryInput
+from pipeline.train.stream import StreamInput, _Shards, delivered
 
 from .conftest import DIGITS_SPEC
 from .test_stream import build_cache
@@ -324,8 +326,8 @@ def test_every_minutes_writes_a_checkpoint_after_the_interval(tmp_path: Path, mo
 def test_checkpoint_options_reach_the_training_config(stage: str, monkeypatch, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    import pipeline.distill
-    import pipeline.teacher
+    import pipeline.distill.distill
+    import pipeline.teacher.teacher
     from stages.app import app
 
     seen = {}
@@ -334,8 +336,8 @@ def test_checkpoint_options_reach_the_training_config(stage: str, monkeypatch, t
         seen["cfg"] = cfg
         return {"final": {}, "epochs": 0, "train_seconds": 0.0} if stage == "distill" else {}
 
-    monkeypatch.setattr(pipeline.teacher, "make_teacher", capture)
-    monkeypatch.setattr(pipeline.distill, "distill", capture)
+    monkeypatch.setattr(pipeline.teacher.teacher, "make_teacher", capture)
+    monkeypatch.setattr(pipeline.distill.distill, "distill", capture)
     args = ["--shards", str(tmp_path), "--out", str(tmp_path / "o"), "--checkpoint-every", "7"]
     result = CliRunner().invoke(app, [stage, *args, "--checkpoint-minutes", "0.5", "--no-resume"])
     assert result.exit_code == 0, result.output

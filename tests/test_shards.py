@@ -10,19 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.data.prepare import _record_hash, file_digest, prepare_shards
+from pipeline.data.shards import key_array, load_index, load_split, read_shard, read_shard_labels
+from pipeline.data.sources import iter_source, long_tail_indices
+from pipeline.data.specs import load_spec
 from pipeline.errors import GenddError
-from pipeline.shards import (
-    _record_hash,
-    file_digest,
-    key_array,
-    load_index,
-    load_split,
-    prepare_shards,
-    read_shard,
-    read_shard_labels,
-)
-from pipeline.sources import iter_source, long_tail_indices
-from pipeline.specs import load_spec
 
 from .conftest import DIGITS_SPEC, ROOT
 

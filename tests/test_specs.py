@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.data.specs import load_spec
 from pipeline.errors import GenddError
-from pipeline.specs import load_spec
 
 from .conftest import ROOT
 

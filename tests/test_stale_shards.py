@@ -18,17 +18,18 @@ import torch
 import zarr
 from PIL import Image
 
-from pipeline.config import DataOptions
-from pipeline.data import load_train_data
+from pipeline.cache.store import open_cache
+from pipeline.config import DataOptions, ExtractConfig
+from pipeline.data.prepare import prepare_shards
+from pipeline.data.shards import load_index
+from pipeline.data.specs import load_spec
 from pipeline.errors import GenddError
-from pipeline.evaluate import eval_batches
-from pipeline.extract import ExtractConfig, extract
+from pipeline.evaluate.predict import eval_batches
+from pipeline.extract.extract import extract
+from pipeline.extract.verify import verify
 from pipeline.models import ModelCard, create_model, feature_dim, save_model
-from pipeline.shards import load_index, prepare_shards
-from pipeline.specs import load_spec
-from pipeline.store import open_cache
-from pipeline.stream import _open_source
-from pipeline.verify import verify
+from pipeline.train.memory import load_train_data
+from pipeline.train.stream import _open_source
 
 SIZE, SHARD = 8, 8
 

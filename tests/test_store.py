@@ -12,8 +12,10 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from pipeline.cache.meta import CacheMeta
+from pipeline.cache.store import FeatureCacheWriter, open_cache
+from pipeline.config import CODECS, FORMATS
 from pipeline.errors import GenddError
-from pipeline.store import CODECS, FORMATS, CacheMeta, FeatureCacheWriter, open_cache
 
 N, K, D, C, CHUNK = 10, 3, 16, 5, 4  # 3 chunks, the last one partial (2 samples)
 

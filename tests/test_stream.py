@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.cache.meta import CacheMeta
+from pipeline.cache.store import FeatureCacheWriter, open_cache
 from pipeline.config import DataOptions
-from pipeline.data import EpochPlan, memory_input, view_plan
+from pipeline.data.shards import ShardIndex, load_index, load_split
 from pipeline.errors import GenddError
-from pipeline.shards import ShardIndex, load_index, load_split
-from pipeline.store import CacheMeta, FeatureCacheWriter, open_cache
-from pipeline.stream import StreamInput, stream_eval_batches
+from pipeline.train.input import EpochPlan, view_plan
+from pipeline.train.memory import memory_input
+from pipeline.train.stream import StreamInput, stream_eval_batches
 
 from .conftest import serve_http
 
@@ -59,7 +61,7 @@ def build_cache(
         views[..., 0] = tag / (n * K)  # distinct per (sample, view): checks the view travels with its features
         png = [b"x"] * (stop - start) if fmt == "webdataset" else None
         if png is not None:
-            from pipeline.shards import read_shard
+            from pipeline.data.shards import read_shard
 
             png = read_shard(shards.split(split).path(i), keep_png=True).png
         writer.write_chunk(i, features, rng.standard_normal((stop - start, K, c)), views, png)
@@ -211,9 +213,9 @@ def test_unsupported_url_refused_in_one_line_with_nothing_written(tmp_path: Path
 
 
 def test_streamed_training_resumes_to_the_same_weights(cached: tuple[ShardIndex, Path], tmp_path: Path, monkeypatch):
-    import pipeline.train as train_module
-    from pipeline.config import HeadSettings, ObjectiveConfig
-    from pipeline.train import TrainConfig, train
+    import pipeline.train.loop as train_module
+    from pipeline.config import HeadSettings, ObjectiveConfig, TrainConfig
+    from pipeline.train.loop import train
 
     shards, cache = cached
     cfg = TrainConfig(
@@ -263,8 +265,8 @@ def test_two_process_ddp_streams_every_sample_once_without_hanging(cached: tuple
 
 
 def test_auto_holds_in_memory_only_what_fits_comfortably(monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.data as data_module
-    from pipeline.data import choose_mode
+    import pipeline.train.input as data_module
+    from pipeline.train.input import choose_mode
 
     sizes = {"images": 300 * 2**20, "features": 200 * 2**20, "logits": 0, "views": 0}
     cpu = torch.device("cpu")
@@ -279,7 +281,7 @@ def test_auto_holds_in_memory_only_what_fits_comfortably(monkeypatch: pytest.Mon
 
 
 def test_footprint_counts_images_and_float16_targets(digits_shards: ShardIndex) -> None:
-    from pipeline.data import footprint
+    from pipeline.train.input import footprint
 
     n = digits_shards.split("train").n
     sizes = footprint(digits_shards, "train", 4, 512, 10)

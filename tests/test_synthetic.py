@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import yaml
 
+from pipeline.data.prepare import prepare_shards
+from pipeline.data.shards import load_split
+from pipeline.data.sources import iter_source
+from pipeline.data.specs import load_spec
+from pipeline.data.synthetic import synthetic_prototypes
 from pipeline.errors import GenddError
-from pipeline.shards import load_split, prepare_shards
-from pipeline.sources import iter_source
-from pipeline.specs import load_spec
-from pipeline.synthetic import synthetic_prototypes
 
 from .conftest import ROOT
 

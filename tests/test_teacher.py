@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from pipeline.config import TrainConfig
+from pipeline.data.shards import ShardIndex
 from pipeline.errors import GenddError
 from pipeline.models import (
     ModelCard,
@@ -29,9 +31,7 @@ from pipeline.models import (
     resolve_small_stem,
     save_model,
 )
-from pipeline.shards import ShardIndex
-from pipeline.teacher import TeacherConfig, make_teacher, read_checkpoint
-from pipeline.train import TrainConfig
+from pipeline.teacher.teacher import TeacherConfig, make_teacher, read_checkpoint
 from stages.app import main
 
 

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import HeadSettings
-from pipeline.data import EpochPlan, MemoryInput, TrainData, view_plan
+from pipeline.config import HeadSettings, ObjectiveConfig, TrainConfig
 from pipeline.errors import GenddError
-from pipeline.objectives import ObjectiveConfig
-from pipeline.train import TrainConfig, build_student, check_data_serves, param_groups, schedule, train
+from pipeline.train.input import EpochPlan, view_plan
+from pipeline.train.loop import schedule, train
+from pipeline.train.memory import MemoryInput, TrainData
+from pipeline.train.student import build_student, check_data_serves, param_groups
 
 
 def _data(n: int = 48, labeled: bool = True, cached: bool = True) -> TrainData:
@@ -117,7 +118,7 @@ def _shrink(data: TrainData, dim: int) -> TrainData:
 def test_resumed_training_ends_where_an_uninterrupted_one_does(tmp_path: Path, monkeypatch) -> None:
     data = _data()
     whole, whole_history = train(TINY, data, tmp_path / "whole", 8)
-    import pipeline.train as train_module
+    import pipeline.train.loop as train_module
 
     real_save, calls = train_module._save_checkpoint, []
 
@@ -149,7 +150,7 @@ def test_logit_adjustment_gives_the_student_the_training_class_prior() -> None:
 
 
 def test_unsupervised_methods_never_see_labels_even_in_the_warm_start(tmp_path: Path, monkeypatch) -> None:
-    import pipeline.train as train_module
+    import pipeline.train.loop as train_module
 
     seen = []
     real = train_module.batch_targets

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import zarr
 
+from pipeline.cache.store import open_cache
 from pipeline.errors import GenddError
-from pipeline.store import open_cache
 from stages.app import main
 from tests.test_extract import Teacher, _make_teacher
 from tests.test_store import CHUNK, build, make_data, make_meta, open_writer, write_chunks
@@ -196,7 +196,7 @@ def test_nan_in_a_chunk_is_refused_where_read_and_by_verify(
 def test_nan_in_a_webdataset_chunk_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    from pipeline.store import encode_chunk
+    from pipeline.cache.codecs import encode_chunk
 
     data = make_data()
     root = build(tmp_path, "zstd", "webdataset", data)
@@ -353,7 +353,8 @@ def test_info_shows_damage_it_sees_cheaply(
 @pytest.fixture(scope="module")
 def replayable(digits_shards, tmp_path_factory: pytest.TempPathFactory) -> tuple[Teacher, Path]:
     """A teacher and its extracted val cache (K=2 views, zarr) of the digits shards."""
-    from pipeline.extract import ExtractConfig, extract
+    from pipeline.config import ExtractConfig
+    from pipeline.extract.extract import extract
 
     teacher = _make_teacher(
         tmp_path_factory.mktemp("teacher"), digits_shards, 0, {"spec_hash": digits_shards.spec_hash}

@@ -2,7 +2,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.views import IDENTITY, ViewPolicy, apply_views, sample_views
+from pipeline.config import ViewPolicy
+from pipeline.data.views import IDENTITY, apply_views, sample_views
 
 KEYS = [f"sample-{i:04d}" for i in range(40)]
 RAW = ((0.0,), (1.0 / 255.0,))  # mean/std that leave pixel values unchanged

@@ -47,7 +47,7 @@ def read_rows(part: str, evals: Path, params: dict) -> list[dict]:
 
 def class_counts(shards: Path) -> list[int]:
     """Training images per class, from the shards' keys file."""
-    from pipeline.shards import load_index
+    from pipeline.data.shards import load_index
 
     index = load_index(shards)
     labels = index.split("train").keys_and_labels()[1]

@@ -23,10 +23,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline.config import HeadSettings, ObjectiveConfig, TrainConfig
-from pipeline.data import InputInfo
+from pipeline.data.views import apply_views
 from pipeline.models import create_model, features
-from pipeline.train import batch_targets, build_student
-from pipeline.views import apply_views
+from pipeline.train.input import InputInfo
+from pipeline.train.student import batch_targets, build_student
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -164,8 +164,8 @@ import gc, json, os, sys, time
 import numpy as np
 import torch
 from pipeline.config import DataOptions
-from pipeline.data import EpochPlan
-from pipeline import stream
+from pipeline.train.input import EpochPlan
+from pipeline.train import stream
 
 def pss():
     for line in open("/proc/self/smaps_rollup"):

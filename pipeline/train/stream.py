@@ -30,9 +30,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DataOptions
-from pipeline.data import EpochPlan, InputInfo, fresh_views, stats_chunks, stream_workers, view_plan
+from pipeline.data.shards import ShardSet, decode_shard, load_index, shard_count_error
 from pipeline.errors import GenddError
-from pipeline.shards import ShardSet, decode_shard, load_index, shard_count_error
+from pipeline.train.input import EpochPlan, InputInfo, fresh_views, stats_chunks, stream_workers, view_plan
 
 _ERROR = "error"  # a worker's GenddError travels to the main process as a batch with this key
 
@@ -84,7 +84,7 @@ class _Shards:
 
     def read(self, i: int, plan: EpochPlan | None) -> dict[str, np.ndarray]:
         """Shard i decoded, with its view per sample (plan None: the identity view, view 0) and cached targets."""
-        from pipeline.shards import key_array
+        from pipeline.data.shards import key_array
 
         location = self.set.path(i)
         keys, images, labels, _ = decode_shard(location)
@@ -263,7 +263,7 @@ class _Loader:
 
 def _open_source(shards: str | Path, cache: str | Path | None, split: str) -> tuple[_Shards, InputInfo]:
     """Shards and cache of a split, checked to be aligned chunk for shard, and what they describe."""
-    from pipeline.store import open_cache
+    from pipeline.cache.store import open_cache
 
     index = load_index(shards)
     shard_set = index.split(split)

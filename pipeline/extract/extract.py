@@ -22,12 +22,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from pipeline.cache.meta import CacheMeta
+from pipeline.cache.store import FeatureCacheWriter
 from pipeline.config import ExtractConfig
+from pipeline.data.shards import ShardData, ShardIndex, ShardSet, key_array, load_index
+from pipeline.data.views import apply_views, decode_shard_with_views
 from pipeline.errors import GenddError
 from pipeline.models import features, linear_head, load_card, load_model
-from pipeline.shards import ShardData, ShardIndex, ShardSet, key_array, load_index
-from pipeline.store import CacheMeta, FeatureCacheWriter
-from pipeline.views import apply_views, decode_shard_with_views
 
 
 def decode_workers(requested: int) -> int:
@@ -256,7 +257,7 @@ def extract_split(
 
 def extract(cfg: ExtractConfig) -> list[dict]:
     """Extract every requested split (resumable, multi-process under `accelerate launch`); marks stores complete."""
-    from pipeline.data import make_accelerator
+    from pipeline.devices import make_accelerator
     from pipeline.locations import check_readable
     from pipeline.outputs import check_writable
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.data import TrainInput
 from pipeline.errors import GenddError
+from pipeline.train.input import TrainInput
 
 
 def tree_hash(root: Path) -> str:
@@ -31,7 +31,7 @@ def tree_hash(root: Path) -> str:
 def code_hash() -> str:
     """The version of the code that decides a run's result: the tree hash of the package (pipeline/), once per
     process. A checkpoint resumes only under the code that wrote it."""
-    return tree_hash(Path(__file__).resolve().parent)
+    return tree_hash(Path(__file__).resolve().parents[1])
 
 
 @dataclass

@@ -30,12 +30,14 @@ from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore
 
 from pipeline import locations
+from pipeline.cache.wds_store import StoreDamage, read_problem, rebuild_hint
+from pipeline.data.shards import key_array
 from pipeline.errors import GenddError
 from pipeline.locations import one_line
-from pipeline.shards import key_array
-from pipeline.store_wds import StoreDamage, read_problem, rebuild_hint
 
 PER_SAMPLE = ("features", "logits", "views", "features_scale")
+
+
 SMALL = ("labels", "keys", "head/weight", "head/bias", "done")
 
 

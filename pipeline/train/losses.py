@@ -2,44 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.config import ObjectiveConfig
+from pipeline.config import METHOD_SPECS, ObjectiveConfig
 from pipeline.errors import GenddError
-from pipeline.head import GenerativeHead
-
-
-def contract_targets(features: Tensor, labels: Tensor | None, centres: Tensor | None, lam: float) -> Tensor:
-    """Pull teacher features (B, D) towards class centres (C, D): (1 - lam) * f + lam * W[label] (or q @ W)."""
-    if lam == 0:
-        return features
-    if labels is None or centres is None:
-        raise GenddError(f"contraction {lam} needs labels and class centres; pass both or set contraction to 0")
-    # Soft labels q (B, C) give the expected centre q @ W; hard labels pick W[label]. Both (B, D).
-    anchor = labels.to(centres.dtype) @ centres if labels.is_floating_point() else centres[labels]
-    return (1 - lam) * features + lam * anchor
-
-
-def _beta_draw(beta: float, generator: torch.Generator | None) -> float:
-    # torch's Beta sampler takes no generator; seed numpy from the torch RNG so the draw stays reproducible.
-    seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device if generator else "cpu"))
-    return float(np.random.default_rng(seed).beta(beta, beta))
-
-
-def feature_mixup(z: Tensor, y: Tensor, beta: float, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Mix conditions z (B, D_S) and targets y (B, D_T) with one m ~ Beta(beta, beta) and one shared permutation."""
-    if beta <= 0:
-        return z, y
-    m = _beta_draw(beta, generator)
-    draw_device = generator.device if generator is not None else z.device
-    perm = torch.randperm(z.shape[0], generator=generator, device=draw_device).to(z.device)
-    return m * z + (1 - m) * z[perm], m * y + (1 - m) * y[perm]
 
 
 def _softened_kl(student_logits: Tensor, teacher_logits: Tensor, tau: float) -> Tensor:
@@ -72,31 +45,6 @@ def _require(method: str, **inputs: object) -> None:
         raise GenddError(f"method {method!r} needs {', '.join(inputs)}, but {', '.join(missing)} was not given")
 
 
-def soft_anchor_labels(labels: Tensor, teacher_logits: Tensor, alpha: float) -> Tensor:
-    """Soft labels (B, C) of the official ImageNet anchor: alpha * onehot(y) + (1 - alpha) * softmax(teacher logits)."""
-    onehot = F.one_hot(labels, teacher_logits.shape[1]).to(teacher_logits.dtype)
-    return alpha * onehot + (1 - alpha) * teacher_logits.softmax(dim=-1)
-
-
-def _generative_loss(
-    cfg: ObjectiveConfig,
-    feats: Tensor,
-    head: GenerativeHead,
-    teacher_features: Tensor,
-    labels: Tensor | None,
-    centres: Tensor | None,
-    generator: torch.Generator | None,
-    teacher_logits: Tensor | None = None,
-) -> Tensor:
-    z = head.condition(feats)  # (B, D_S)
-    if labels is not None and cfg.soft_anchor < 1:
-        _require(f"{cfg.method} with soft_anchor {cfg.soft_anchor}", teacher_logits=teacher_logits)
-        labels = soft_anchor_labels(labels, teacher_logits, cfg.soft_anchor)
-    y = contract_targets(teacher_features, labels, centres, cfg.contraction)  # (B, D_T)
-    z, y = feature_mixup(z, y, cfg.mixup_beta, generator)
-    return head(y, z, generator=generator)
-
-
 def class_log_prior(labels: Tensor, num_classes: int) -> Tensor:
     """log of the training class frequencies (C,), for logit adjustment; unseen classes count as one sample."""
     counts = torch.bincount(labels[labels >= 0], minlength=num_classes).clamp_min(1).float()
@@ -118,7 +66,7 @@ class ObjectiveInputs:
 
     feats: Tensor
     classifier: Callable[[Tensor], Tensor]
-    head: GenerativeHead | None
+    head: nn.Module | None
     teacher_features: Tensor | None
     teacher_logits: Tensor | None
     labels: Tensor | None
@@ -151,31 +99,14 @@ def _kl(cfg: ObjectiveConfig, x: ObjectiveInputs) -> tuple[Tensor, dict[str, Ten
     return loss, {"loss": loss.detach(), "kl": loss.detach()}
 
 
-def _gendd(cfg: ObjectiveConfig, x: ObjectiveInputs) -> tuple[Tensor, dict[str, Tensor]]:
-    _require(cfg.method, head=x.head, teacher_features=x.teacher_features, labels=x.labels)
-    diffusion = _generative_loss(
-        cfg, x.feats, x.head, x.teacher_features, x.labels, x.centres, x.generator, x.teacher_logits
-    )
-    probe = _label_ce(cfg, x.classifier(x.feats.detach()), x.labels, x.log_prior)  # never trains the backbone
-    loss = diffusion + probe
-    return loss, {"loss": loss.detach(), "diffusion": diffusion.detach(), "probe_ce": probe.detach()}
+# The losses of the methods whose MethodSpec.module is this one (GenDD's are in pipeline/distill/objectives.py).
+LOSSES: dict[str, Loss] = {"ce": _ce, "kd": _kd, "kl": _kl}
 
 
-def _gendd_unsup(cfg: ObjectiveConfig, x: ObjectiveInputs) -> tuple[Tensor, dict[str, Tensor]]:
-    # The backbone learns from the diffusion loss alone, on uncontracted teacher features. A label-free probe (KL to
-    # the cached teacher logits, on the detached feature) makes the student usable without sampling; like the
-    # supervised probe it sends no gradient into the backbone.
-    _require(cfg.method, head=x.head, teacher_features=x.teacher_features)
-    diffusion = _generative_loss(cfg, x.feats, x.head, x.teacher_features, None, None, x.generator)
-    if x.teacher_logits is None:
-        return diffusion, {"loss": diffusion.detach(), "diffusion": diffusion.detach()}
-    probe = kl_loss(x.classifier(x.feats.detach()), x.teacher_logits)
-    loss = diffusion + probe
-    return loss, {"loss": loss.detach(), "diffusion": diffusion.detach(), "probe_kl": probe.detach()}
-
-
-# The loss of every method of pipeline/config.py's METHOD_SPECS (what each reads and trains), by the same name.
-LOSSES: dict[str, Loss] = {"ce": _ce, "kd": _kd, "kl": _kl, "gendd": _gendd, "gendd_unsup": _gendd_unsup}
+def method_module(method: str) -> ModuleType:
+    """The module with `method`'s loss (and, for a method with a head, `build_head` and `target_stats`), imported
+    now: code only one method needs is loaded when that method runs."""
+    return importlib.import_module(METHOD_SPECS[method].module)
 
 
 def compute_objective(
@@ -183,7 +114,7 @@ def compute_objective(
     *,
     feats: Tensor,
     classifier: Callable[[Tensor], Tensor],
-    head: GenerativeHead | None,
+    head: nn.Module | None,
     teacher_features: Tensor | None,
     teacher_logits: Tensor | None,
     labels: Tensor | None,
@@ -203,4 +134,4 @@ def compute_objective(
         generator=generator,
         log_prior=log_prior,
     )
-    return LOSSES[cfg.method](cfg, inputs)
+    return method_module(cfg.method).LOSSES[cfg.method](cfg, inputs)

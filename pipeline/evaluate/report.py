@@ -105,7 +105,7 @@ def _plots(rows: list[dict], out: Path) -> None:
 
 def write_report(evals: Path, students: Path, out: str | Path, cache: Path | None = None) -> str:
     """Write report.md, summary.json (DVC metrics), curves.csv (DVC plot) and PNG plots; return the Markdown."""
-    from pipeline.store import open_cache
+    from pipeline.cache.store import open_cache
 
     out = check_writable(out)
     rows = collect(evals, students)

@@ -1,5 +1,6 @@
-"""Training loop for students (and the teacher): batches from pipeline/data.py (memory or stream), replayed views,
-accelerate, checkpoints after and within epochs that resume to the same weights (pipeline/checkpoint.py)."""
+"""Training loop for students (and the teacher): batches from pipeline/train/input.py (memory or stream), replayed
+views, accelerate, checkpoints after and within epochs that resume to the same weights
+(pipeline/train/checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,16 @@ from pathlib import Path
 from time import monotonic
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.checkpoint import (
+from pipeline.config import DataOptions, TrainConfig
+from pipeline.data.shards import load_index
+from pipeline.data.views import apply_views
+from pipeline.devices import make_accelerator
+from pipeline.errors import GenddError
+from pipeline.outputs import atomic_path
+from pipeline.train.checkpoint import (
     EpochProgress,
     checkpoint_state,
     code_hash,
@@ -25,124 +31,10 @@ from pipeline.checkpoint import (
     restore,
     resume_point,
 )
-from pipeline.config import METHOD_SPECS, DataOptions, TrainConfig
-from pipeline.data import (
-    EpochPlan,
-    InputInfo,
-    MemoryInput,
-    TrainData,
-    TrainInput,
-    choose_mode,
-    footprint,
-    make_accelerator,
-    memory_input,
-)
-from pipeline.errors import GenddError
-from pipeline.head import GenerativeHead, HeadConfig
-from pipeline.models import create_model, feature_dim, features, load_model
-from pipeline.objectives import (
-    ObjectiveConfig,
-    class_log_prior,
-    compute_objective,
-    contract_targets,
-    kl_loss,
-    warmstart_loss,
-)
-from pipeline.outputs import atomic_path
-from pipeline.shards import load_index
-from pipeline.views import apply_views
-
-
-class Student(nn.Module):
-    """A timm network (its own classifier is the linear probe), plus the generative head and warm-start projection."""
-
-    def __init__(
-        self,
-        net: nn.Module,
-        head: GenerativeHead | None,
-        proj: nn.Module | None,
-        log_prior: torch.Tensor | None = None,
-        probe_on_condition: bool = False,
-    ) -> None:
-        super().__init__()
-        self.net, self.head, self.proj = net, head, proj
-        # GenDD's probe may read the head's normalised condition z instead of the raw feature (HeadSettings).
-        self.probe_on_condition = probe_on_condition and head is not None
-        self.log_prior: torch.Tensor | None
-        # Training-label class prior for logit adjustment; a buffer so it follows the model to its device.
-        self.register_buffer("log_prior", log_prior, persistent=log_prior is not None)
-
-    def probe(self, feats: torch.Tensor) -> torch.Tensor:
-        """Logits of the student's own classifier on features (B, D_S): the raw feature, or the detached condition."""
-        if self.probe_on_condition:
-            return self.net.get_classifier()(self.head.condition(feats).detach())
-        return self.net.get_classifier()(feats)
-
-    def forward(
-        self, x: torch.Tensor, batch: dict, objective: ObjectiveConfig, warm: bool
-    ) -> tuple[torch.Tensor, dict]:
-        """Loss of one batch; everything runs inside forward so DDP sees every parameter it trains."""
-        feats = features(self.net, x)  # (B, D_S)
-        if warm:
-            if "labels" in batch:
-                loss = warmstart_loss(feats, self.proj, batch["head_weight"], batch["head_bias"], batch["labels"])
-            else:  # unlabeled data: match the teacher's softmax through its frozen head instead of labels
-                logits = self.proj(feats) @ batch["head_weight"].T + batch["head_bias"]
-                loss = kl_loss(logits, batch["teacher_logits"])
-            return loss, {"loss": loss.detach(), "warmstart": loss.detach()}
-        return compute_objective(
-            objective,
-            feats=feats,
-            classifier=self.probe,
-            head=self.head,
-            teacher_features=batch.get("teacher_features"),
-            teacher_logits=batch.get("teacher_logits"),
-            labels=batch.get("labels"),
-            centres=batch.get("head_weight"),
-            log_prior=self.log_prior,
-        )
-
-
-def load_student(out: str | Path) -> tuple[Student, dict]:
-    """The exported student with its generative head (if it has one), in eval mode."""
-    out = Path(out)
-    net, card = load_model(out, "student")
-    head = None
-    if card["extra"].get("head"):
-        head = GenerativeHead(HeadConfig(**card["extra"]["head"]))
-        head.load_state_dict(load_file(str(out / "head.safetensors")))
-    return Student(net, head, None, probe_on_condition=card["extra"].get("probe_input") == "condition").eval(), card
-
-
-def build_student(cfg: TrainConfig, info: InputInfo, input_size: int, stats: tuple | None = None) -> Student:
-    """The student network with the modules its method needs (`stats`: the targets' mean/std, see target_stats)."""
-    net = create_model(cfg.model, info.num_classes, info.channels, cfg.small_stem)
-    d_s = feature_dim(net, info.channels, input_size)
-    head = proj = None
-    method = cfg.objective.method
-    if cfg.objective.spec.uses_head:
-        if info.feature_dim is None:
-            raise GenddError(f"method {method} (or a warm start) needs a teacher feature cache: pass --cache")
-        settings = cfg.head
-        head_cfg = HeadConfig(
-            feature_dim=info.feature_dim,
-            cond_dim=d_s,
-            token_dim=settings.token_dim,
-            width=settings.width,
-            depth=settings.depth,
-            diffusion_batch_mul=settings.diffusion_batch_mul,
-            cond_dropout=settings.cond_dropout,
-            prediction=settings.prediction,
-            timestep_power=settings.timestep_power,
-            learn_sigma=settings.learn_sigma,
-        )
-        head = GenerativeHead(head_cfg)
-        if settings.target_norm and stats is not None:
-            head.set_target_stats(*stats)
-        if cfg.warmstart_epochs:
-            proj = nn.Linear(d_s, info.feature_dim)  # stage 1: student feature -> teacher feature space -> its head
-    log_prior = class_log_prior(info.labels, info.num_classes) if cfg.objective.logit_adjust else None
-    return Student(net, head, proj, log_prior, cfg.head.probe_on_condition)
+from pipeline.train.input import EpochPlan, TrainInput, choose_mode, footprint
+from pipeline.train.losses import method_module
+from pipeline.train.memory import MemoryInput, TrainData, memory_input
+from pipeline.train.student import Student, batch_targets, build_student, check_data_serves, param_groups
 
 
 def open_train_input(
@@ -151,8 +43,8 @@ def open_train_input(
     """The training input of a split in the requested mode (`auto`: estimated, printed and chosen)."""
     from accelerate import PartialState
 
-    from pipeline.store import cache_meta
-    from pipeline.stream import StreamInput
+    from pipeline.cache.store import cache_meta
+    from pipeline.train.stream import StreamInput
 
     index = load_index(shards)
     k = d = 0
@@ -166,59 +58,6 @@ def open_train_input(
     if mode == "memory":
         return memory_input(shards, cache, split)
     return StreamInput(shards, cache, split, options)
-
-
-def target_stats(cfg: TrainConfig, data: TrainInput) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean/std of the contracted targets over every cached (sample, view) of the chunks that
-    `feature_chunks` yields (all of them for small caches), accumulated in float64 one chunk at a time."""
-    total = sq = None
-    rows = 0
-    uses_labels = cfg.objective.contraction > 0  # never for an unsupervised method (ObjectiveConfig)
-    for feats, labels in data.feature_chunks():
-        n, k, d = feats.shape
-        y = torch.from_numpy(labels).long().repeat_interleave(k) if uses_labels else None
-        targets = contract_targets(
-            torch.from_numpy(feats).reshape(n * k, d).float(), y, data.info.head_weight, cfg.objective.contraction
-        ).double()
-        total = targets.sum(0) if total is None else total + targets.sum(0)
-        sq = (targets**2).sum(0) if sq is None else sq + (targets**2).sum(0)
-        rows += n * k
-    if total is None:
-        raise GenddError("the feature cache holds no samples to standardise the targets with; re-run gendd extract")
-    mean = total / rows
-    std = ((sq - rows * mean**2).clamp_min(0) / max(rows - 1, 1)).sqrt().float()
-    return mean.float(), std.clamp_min(0.1 * float(std.median()))  # floor: near-dead dims would blow up
-
-
-def check_data_serves(cfg: TrainConfig, info: InputInfo) -> None:
-    """Refuse, in one line, a data/cache combination the method cannot use."""
-    method, spec = cfg.objective.method, cfg.objective.spec
-    if spec.supervised and not info.labeled:
-        label_free = " or ".join(name for name, other in METHOD_SPECS.items() if not other.supervised)
-        raise GenddError(f"method {method} needs labels but the data has none; use {label_free}")
-    if spec.uses_cache and info.feature_dim is None:
-        raise GenddError(f"method {method} needs the teacher feature cache: pass --cache (run gendd extract)")
-    if cfg.objective.logit_adjust and not spec.supervised:
-        raise GenddError(f"logit_adjust shifts the label cross-entropy, which {method} has none of; set it to 0")
-
-
-def param_groups(model: Student, weight_decay: float, head_lr_mult: float = 1.0) -> list[dict]:
-    """The usual grouping (decay on backbone weight matrices; none on norms and biases, which the official code
-    decays: docs/official_recipe.md), plus a group for the generative head and the detached linear probe: no decay,
-    lr x head_lr_mult (they start from scratch and must converge within a short budget; the probe never feeds
-    gradient to the backbone)."""
-    fast = {id(p) for p in model.head.parameters()} if model.head is not None else set()
-    if model.head is not None:
-        fast |= {id(p) for p in model.net.get_classifier().parameters()}
-    groups = {"decay": [], "no_decay": [], "head": []}
-    for param in model.parameters():
-        if param.requires_grad:
-            groups["head" if id(param) in fast else "decay" if param.ndim > 1 else "no_decay"].append(param)
-    return [
-        {"params": groups["decay"], "weight_decay": weight_decay, "lr_mult": 1.0},
-        {"params": groups["no_decay"], "weight_decay": 0.0, "lr_mult": 1.0},
-        {"params": groups["head"], "weight_decay": 0.0, "lr_mult": head_lr_mult},
-    ]
 
 
 def schedule(step: int, total: int, warmup: int, cfg: TrainConfig) -> tuple[float, float]:
@@ -304,7 +143,9 @@ def _start_run(cfg: TrainConfig, data: TrainInput, input_size: int, ckpt_path: P
     plan = EpochPlan(cfg.seed, start, cfg.batch_size, accelerator.process_index, world, cfg.policy)
     data.start(plan, accelerator.device, step)
     torch.manual_seed(cfg.seed)
-    stats = target_stats(cfg, data) if cfg.objective.spec.uses_head and cfg.head.target_norm else None
+    stats = None
+    if cfg.objective.spec.uses_head and cfg.head.target_norm:
+        stats = method_module(cfg.objective.method).target_stats(cfg, data)
     model = build_student(cfg, data.info, input_size, stats)
     groups = param_groups(model, cfg.weight_decay, cfg.head.lr_mult)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2_start))
@@ -327,19 +168,6 @@ def _start_run(cfg: TrainConfig, data: TrainInput, input_size: int, ckpt_path: P
     run.kept, run.saved_at = (describe(state) if state is not None else ""), monotonic()
     progress = EpochProgress.from_state(state.get("partial") if state is not None else None, accelerator.device)
     return run, start, progress
-
-
-def batch_targets(
-    batch: dict[str, torch.Tensor], info: InputInfo, device: torch.device, use_labels: bool
-) -> dict[str, torch.Tensor]:
-    """What the objective reads, on the device: labels (when `use_labels`), the teacher's outputs as float32."""
-    out = {"head_weight": info.head_weight, "head_bias": info.head_bias}
-    if use_labels:
-        out["labels"] = batch["labels"]
-    if "teacher_features" in batch:  # float16 up to here: half the bytes through the loader and the copy
-        out["teacher_features"] = batch["teacher_features"].to(device, non_blocking=True).float()
-        out["teacher_logits"] = batch["teacher_logits"].to(device, non_blocking=True).float()
-    return {k: v.to(device, non_blocking=True) for k, v in out.items() if v is not None}
 
 
 def _stop_if_diverged(first_bad: int, epoch: int, lr: float, kept: str) -> None:

@@ -21,6 +21,7 @@ from pipeline.errors import GenddError
 if TYPE_CHECKING:
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
+
 TIME_FREQ_DIM = 256
 
 

@@ -5,23 +5,25 @@ Two formats, one reader (`FeatureCache`):
   `views` (N, K, 5) float32, `labels` (N,) int32 (-1 = none), `keys` (N,) variable-length UTF-8 strings,
   `head/weight` (C, D), `head/bias` (C,) float32, `done` (n_chunks,) bool in chunks of 1, and for int8
   `features_scale` (N, K) float32. Chunk i holds samples [i * chunk_size, (i + 1) * chunk_size), other axes whole.
-- "webdataset": self-contained training shards `<cache>/<split>-features/` (layout in pipeline/store_wds.py).
+- "webdataset": self-contained training shards `<cache>/<split>-features/` (layout in pipeline/cache/wds_store.py).
 
 Codecs: "zstd" (default; float16 through Blosc-zstd, clevel 1, byte shuffle), "lz4" (Blosc-lz4) and "none" (raw
 float16) are lossless on float16; "bf16" (bfloat16 bits in uint16) and "int8" (features only, symmetric absmax scale
 per (sample, view); logits float16) are lossy and opt-in. Every Zarr chunk carries a crc32c checksum. Reads return
 float32, or float16 features and logits when asked (streaming keeps them half precision until the device).
 
-Per-sample metadata is held as numpy arrays (keys as `pipeline.shards.key_array`, labels int64), which forked loader
-workers share without copying. The attribute `dataset.shard_sha256` lists the sha256 of every image shard the cache
-was built from (caches from before it lack it); readers given the shards refuse a cache whose shards changed since.
+Per-sample metadata is held as numpy arrays (keys as `pipeline.data.shards.key_array`, labels int64), which forked
+loader workers share without copying. The attribute `dataset.shard_sha256` lists the sha256 of every image shard the
+cache was built from (caches from before it lack it); readers given the shards refuse a cache whose shards changed
+since.
 
 Reading also works from an fsspec URL (`http(s)://`, `s3://`, `gs://`; see pipeline/locations.py); writing is local.
 
 Reads check what they return: a chunk holding NaN or inf, a damaged or missing chunk file (Zarr: a bad crc32c
 checksum; webdataset: a tar that differs from its recorded CRC-32), labels or keys of the wrong length, labels out of
 range, a non-finite teacher head or attributes lacking a field are each one `GenddError` line naming the store, the
-array and the chunk, with the fix. `gendd cache verify` (pipeline/verify.py) runs every such check on every chunk.
+array and the chunk, with the fix. `gendd cache verify` (pipeline/cache/scan.py, pipeline/extract/verify.py) runs
+every such check on every chunk.
 
 Concurrency: a store is built in a private temp directory and renamed into place (atomic on a POSIX filesystem), so
 concurrent `FeatureCacheWriter.open` calls with the same meta all end on one fully created store and nobody sees a
@@ -33,176 +35,30 @@ cache (hardlink or symlink) is replaced, never modified.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline import locations
-from pipeline.config import CODECS, FORMATS
+from pipeline.cache.codecs import EXTRACT_FIX, all_finite, decode_chunk, encode_chunk
+from pipeline.cache.meta import SCHEMA_VERSION, CacheMeta, attrs_problems, head_problems, index_problems
+from pipeline.cache.wds_store import StoreDamage, WdsStore
+from pipeline.cache.zarr_store import ZarrStore
+from pipeline.config import FORMATS
+from pipeline.data.shards import key_array
 from pipeline.errors import GenddError
 from pipeline.locations import one_line
-from pipeline.shards import key_array
-from pipeline.store_wds import StoreDamage, WdsStore
-from pipeline.store_zarr import ZarrStore
 
 if TYPE_CHECKING:
-    from pipeline.shards import ShardSet
-
-SCHEMA_VERSION = 1
-_REQUIRED = {
-    "teacher": ("name", "checkpoint_sha256", "feature_dim", "num_classes", "input_size", "mean", "std"),
-    "dataset": ("name", "spec_hash", "split", "n"),
-    "views": ("K", "policy", "seed"),
-}
-_FIX = "re-run gendd extract"
-
-
-def all_finite(x: np.ndarray, bf16_bits: bool = False) -> bool:
-    """Whether `x` holds no NaN or inf (integers: always). float16 and bfloat16 bit patterns (uint16) are tested on
-    their exponent bits, all ones exactly for NaN and inf: ~6x faster than np.isfinite on float16 (measured 1.6 ms
-    against 10 ms for 4M values), which matters on every chunk a training run reads."""
-    x = np.asarray(x)
-    mask = 0x7F80 if bf16_bits else 0x7C00 if x.dtype == np.float16 else None
-    if mask is None:
-        return x.dtype.kind in "iub" or bool(np.isfinite(x).all())
-    return x.size == 0 or int(np.bitwise_and(np.ascontiguousarray(x).view(np.uint16), mask).max()) != mask
-
-
-def attrs_problems(attrs: dict) -> list[str]:
-    """What a store's attributes lack or hold wrong (the fields CacheMeta.validate requires, the codec, sizes), each
-    phrased to follow "attributes"; empty when they describe a readable cache."""
-    problems = []
-    if attrs.get("schema_version") != SCHEMA_VERSION:
-        problems.append(f"have schema_version {attrs.get('schema_version')!r}, this gendd reads {SCHEMA_VERSION}")
-    for section, fields in _REQUIRED.items():
-        value = attrs.get(section)
-        missing = list(fields) if not isinstance(value, dict) else [f for f in fields if f not in value]
-        if missing:
-            problems.append(f"lack {', '.join(f'{section}.{f}' for f in missing)}")
-    if attrs.get("codec") not in CODECS:
-        problems.append(f"have codec {attrs.get('codec')!r}, not one of {', '.join(CODECS)}")
-    if not isinstance(attrs.get("complete"), bool):
-        problems.append(f"have complete = {attrs.get('complete')!r}, not true or false")
-    sizes = (("dataset", "n", 0), ("views", "K", 1), ("teacher", "feature_dim", 1), ("teacher", "num_classes", 1))
-    for section, field, least in sizes:
-        value = attrs.get(section, {}).get(field, least) if isinstance(attrs.get(section), dict) else least
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            problems.append(f"have {section}.{field} = {value!r}, expected an integer >= {least}")
-    return problems
-
-
-def _to_json(value: Any) -> Any:
-    """`value` in plain JSON types (tuples -> lists, numpy -> Python), exactly as attributes read back."""
-
-    def numpy_default(obj: Any) -> Any:
-        if isinstance(obj, np.ndarray | np.generic):
-            return obj.tolist()
-        raise TypeError(f"cache meta holds a {type(obj).__name__}, which JSON cannot store")
-
-    return json.loads(json.dumps(value, default=numpy_default))
-
-
-@dataclass(frozen=True)
-class CacheMeta:
-    """What identifies a cache: the teacher, the dataset split, the view policy and the codec."""
-
-    teacher: dict  # name, checkpoint_sha256, feature_dim, num_classes, input_size, mean, std
-    dataset: dict  # name (of the spec), spec_hash, split, n
-    views: dict  # K, policy (a dict), seed
-    codec: str = "zstd"
-
-    def validate(self) -> None:
-        """Refuse an unknown codec or a missing field, with the choices or the field names."""
-        if self.codec not in CODECS:
-            raise GenddError(f"unknown cache codec {self.codec!r}: choose one of {', '.join(CODECS)}")
-        for section, fields in _REQUIRED.items():
-            missing = [f for f in fields if f not in getattr(self, section)]
-            if missing:
-                raise GenddError(f"cache meta: {section} lacks {', '.join(missing)}: add them to CacheMeta.{section}")
-
-    def to_attrs(self) -> dict:
-        """The store attributes this meta stands for (JSON types; `complete` False)."""
-        sections = {"teacher": self.teacher, "dataset": self.dataset, "views": self.views}
-        return {"schema_version": SCHEMA_VERSION, **_to_json(sections), "codec": self.codec, "complete": False}
-
-    @classmethod
-    def from_attrs(cls, attrs: dict) -> CacheMeta:
-        """The meta recorded in a store's attributes."""
-        return cls(teacher=attrs["teacher"], dataset=attrs["dataset"], views=attrs["views"], codec=attrs["codec"])
-
-
-# ---- codecs: what is stored for each codec, and back to float32 -------------------------------------------------
-
-
-def _to_float16(name: str, x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):  # overflow is reported below, as a GenddError
-        half = x.astype(np.float16)
-    if not np.isfinite(half).all():
-        raise GenddError(f"{name} exceed the float16 range (|x| > 65504): extract with codec 'bf16' instead")
-    return half
-
-
-def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    return ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
-
-
-def _from_bf16_bits(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def _to_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric absmax quantisation over the last axis: (q int8, scale float32 (..., )), x ~ q * scale."""
-    scale = (np.abs(x).max(axis=-1) / 127.0).astype(np.float32)  # (n, K)
-    safe = np.where(scale > 0, scale, 1.0)[..., None]
-    return np.clip(np.rint(x / safe), -127, 127).astype(np.int8), scale
-
-
-def encode_chunk(codec: str, features: np.ndarray, logits: np.ndarray, views: np.ndarray) -> dict[str, np.ndarray]:
-    """Float inputs -> the arrays the codec stores (refuses NaN/inf rather than caching them)."""
-    features, logits = np.asarray(features, np.float32), np.asarray(logits, np.float32)
-    for name, x in (("features", features), ("logits", logits)):
-        if not np.isfinite(x).all():
-            raise GenddError(f"teacher {name} contain NaN or inf: check the teacher checkpoint, then {_FIX}")
-    stored = {"views": np.asarray(views, np.float32)}
-    if codec == "bf16":
-        return stored | {"features": _to_bf16_bits(features), "logits": _to_bf16_bits(logits)}
-    if codec == "int8":
-        q, scale = _to_int8(features)
-        return stored | {"features": q, "features_scale": scale, "logits": _to_float16("logits", logits)}
-    return stored | {"features": _to_float16("features", features), "logits": _to_float16("logits", logits)}
-
-
-def decode_chunk(codec: str, stored: dict[str, np.ndarray], dtype: type = np.float32) -> dict[str, np.ndarray]:
-    """Stored arrays -> features and logits as `dtype` (float32 or float16), views as float32."""
-    if np.dtype(dtype) not in (np.float32, np.float16):
-        raise ValueError(f"cache values decode to float32 or float16, not {np.dtype(dtype)}")
-    features, logits = stored["features"], stored["logits"]
-    if codec == "bf16":
-        features, logits = _from_bf16_bits(features), _from_bf16_bits(logits)
-    elif codec == "int8":
-        features = features.astype(np.float32) * stored["features_scale"][..., None]
-    # Stored float16 (zstd, lz4, none) is returned as is for float16: no copy, no float32 round trip.
-    out = {"features": np.asarray(features, dtype), "logits": np.asarray(logits, dtype)}
-    if codec in ("bf16", "int8") and np.dtype(dtype) == np.float16:
-        for name in ("features", "logits"):
-            if not np.isfinite(out[name]).all():  # bf16 and int8 hold values past float16's range (|x| > 65504)
-                raise GenddError(f"cached {name} exceed the float16 range: read this {codec} cache as float32")
-    return out | {"views": np.asarray(stored["views"], np.float32)}
+    from pipeline.data.shards import ShardSet
 
 
 _STORES: dict[str, type[ZarrStore] | type[WdsStore]] = {"zarr": ZarrStore, "webdataset": WdsStore}
-
-
-# ---- writer ---------------------------------------------------------------------------------------------------
 
 
 def _chunk_bounds(i: int, chunk_size: int, n: int) -> tuple[int, int]:
@@ -364,9 +220,6 @@ class FeatureCacheWriter:
         return bool(self._store.attrs.get("complete"))
 
 
-# ---- reader ---------------------------------------------------------------------------------------------------
-
-
 class FeatureCache:
     """Read side of a cache, the same for both formats; features, logits and views come back as float32."""
 
@@ -403,7 +256,7 @@ class FeatureCache:
         float32, labels (n_i,) int64."""
         start, stop = _chunk_bounds(i, self.chunk_size, self.n)
         if not self.done[i]:
-            raise GenddError(f"{self.path}: chunk {i} is not written yet: {_FIX} to finish the cache")
+            raise GenddError(f"{self.path}: chunk {i} is not written yet: {EXTRACT_FIX} to finish the cache")
         stored = self._store.read(i, start, stop)
         for name, array in stored.items():  # checked as stored (bf16 bits, float16): decoding keeps NaN and inf
             if not all_finite(array, bf16_bits=self.meta.codec == "bf16" and name in ("features", "logits")):
@@ -464,42 +317,6 @@ class FeatureCache:
         return found + self._store.damage_seen(self.complete)
 
 
-def head_problems(weight: np.ndarray, bias: np.ndarray, c: int, d: int) -> list[tuple[str, None, str]]:
-    """(array, None, what) for a teacher head of the wrong shape or holding NaN or inf."""
-    problems = []
-    for name, array, shape in (("head/weight", weight, (c, d)), ("head/bias", bias, (c,))):
-        if array.shape != shape:
-            problems.append((name, None, f"has shape {array.shape}, expected {shape} (num_classes, feature_dim)"))
-        elif not all_finite(array):
-            problems.append((name, None, "holds NaN or inf"))
-    return problems
-
-
-def index_problems(
-    labels: np.ndarray, keys: Sequence[str] | np.ndarray, n: int, num_classes: int, unique: bool = True
-) -> list[tuple[str, None, str]]:
-    """(array, None, what) for labels or keys that are not one per sample, labels outside [-1, num_classes) and (with
-    `unique`) repeated keys."""
-    problems = []
-    if labels.shape != (n,):
-        problems.append(("labels", None, f"has {labels.size} entries, expected N={n}"))
-    bad = np.flatnonzero((labels < -1) | (labels >= num_classes))
-    if bad.size:
-        first = f"sample {bad[0]}: {labels[bad[0]]}"
-        problems.append(("labels", None, f"has {bad.size} values outside [-1, {num_classes}) (first: {first})"))
-    if len(keys) != n:
-        problems.append(("keys", None, f"has {len(keys)} entries, expected N={n}"))
-    if unique and len(keys):
-        keys = key_array(keys)
-        _, first = np.unique(keys, return_index=True)  # where each distinct key first occurs
-        if len(first) != len(keys):
-            later = np.ones(len(keys), dtype=bool)
-            later[first] = False
-            repeated = keys[np.flatnonzero(later)[0]].decode(errors="replace")
-            problems.append(("keys", None, f"are not unique ({len(keys) - len(first)} repeats, first {repeated!r})"))
-    return problems
-
-
 def find_store(root: Path | str, split: str) -> ZarrStore | WdsStore:
     """Open the split's store (local or at a URL) in whichever format exists (Zarr first), or say what to run."""
     root = locations.normalize(root)
@@ -511,11 +328,11 @@ def find_store(root: Path | str, split: str) -> ZarrStore | WdsStore:
             if version is None:
                 raise GenddError(f"{path} is not a gendd feature cache (no schema_version): pick another path")
             if version != SCHEMA_VERSION:
-                raise GenddError(f"{path} has cache schema {version}, this gendd reads {SCHEMA_VERSION}: {_FIX}")
+                raise GenddError(f"{path} has cache schema {version}, this gendd reads {SCHEMA_VERSION}: {EXTRACT_FIX}")
             return store
         # Locally only: servers answer a directory URL inconsistently (a listing, 403 or 404).
         if not locations.is_url(path) and path.exists():
-            raise GenddError(f"{path} is not a feature cache (half-created or foreign): delete it and {_FIX}")
+            raise GenddError(f"{path} is not a feature cache (half-created or foreign): delete it and {EXTRACT_FIX}")
     if locations.is_url(root):
         raise GenddError(
             f"no feature cache for split {split!r} at {root}: check the URL, or run gendd extract and upload its output"
@@ -567,7 +384,7 @@ def open_cache(
     cache = FeatureCache(find_store(cache_dir, split))
     if not cache.complete and not allow_incomplete:
         done = f"{int(cache.done.sum())} of {cache.n_chunks} chunks done"
-        raise GenddError(f"{cache.path} is incomplete ({done}): {_FIX} to finish it")
+        raise GenddError(f"{cache.path} is incomplete ({done}): {EXTRACT_FIX} to finish it")
     checks = (
         ("teacher checkpoint sha256", cache.meta.teacher["checkpoint_sha256"], teacher_sha256, "with this teacher"),
         ("dataset spec hash", cache.meta.dataset["spec_hash"], spec_hash, "after gendd prepare with this spec"),
@@ -575,8 +392,8 @@ def open_cache(
     for what, found, wanted, how in checks:
         if wanted is not None and found != wanted:
             raise GenddError(
-                f"{cache.path} was built for {what} {str(found)[:16]}, not {str(wanted)[:16]}: {_FIX} {how}"
+                f"{cache.path} was built for {what} {str(found)[:16]}, not {str(wanted)[:16]}: {EXTRACT_FIX} {how}"
             )
     if shards is not None and (changed := changed_shard(cache, shards)):
-        raise GenddError(f"cache {cache_dir} was built from {changed}: {_FIX}")
+        raise GenddError(f"cache {cache_dir} was built from {changed}: {EXTRACT_FIX}")
     return cache

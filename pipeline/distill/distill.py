@@ -12,16 +12,17 @@ from pathlib import Path
 from accelerate import PartialState
 from safetensors.torch import save_file
 
-from pipeline.config import POLICIES, DataOptions
-from pipeline.data import train_device
+from pipeline.cache.store import cache_meta
+from pipeline.config import POLICIES, DataOptions, TrainConfig
+from pipeline.data.shards import load_index
+from pipeline.devices import train_device
 from pipeline.errors import GenddError
-from pipeline.evaluate import refit_readout, val_probe_evaluator
+from pipeline.evaluate.refit import refit_readout
 from pipeline.locations import check_readable
 from pipeline.models import ModelCard, feature_dim, save_model
 from pipeline.outputs import atomic_path, check_writable, write_json, write_text
-from pipeline.shards import load_index
-from pipeline.store import cache_meta
-from pipeline.train import TrainConfig, open_train_input, train
+from pipeline.train.loop import open_train_input, train
+from pipeline.train.probe import val_probe_evaluator
 
 STANDALONE_LOADER = '''"""Rebuild the distilled student with timm alone (no gendd needed): python load_student.py"""
 import json, pathlib

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import DataOptions
-from pipeline.data import train_device
+from pipeline.config import DataOptions, ObjectiveConfig, TrainConfig
+from pipeline.data.shards import load_index
+from pipeline.devices import train_device
 from pipeline.errors import GenddError
-from pipeline.evaluate import val_probe_evaluator
 from pipeline.locations import check_readable
 from pipeline.models import (
     ModelCard,
@@ -26,10 +26,10 @@ from pipeline.models import (
     sha256_file,
     state_diff,
 )
-from pipeline.objectives import ObjectiveConfig
 from pipeline.outputs import check_writable
-from pipeline.shards import load_index
-from pipeline.train import Student, TrainConfig, open_train_input, train
+from pipeline.train.loop import open_train_input, train
+from pipeline.train.probe import val_probe_evaluator
+from pipeline.train.student import Student
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,8 @@ class TeacherConfig:
 
 
 CHECKPOINT_ENTRIES = ("state_dict_ema", "model_ema", "state_dict", "model")  # timm's order: EMA weights first
+
+
 _WRAPPERS = ("_orig_mod.", "module.")  # torch.compile and DDP key prefixes, in either order
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from pipeline.specs import DataSpec
+from pipeline.data.specs import DataSpec
 
 # Samples drawn together (vectorised; each block seeded on its own): up to 4096, fewer for large images so that a
 # block's float64 noise stays within 128 MB (16 px RGB: 4096 samples; 224 px RGB: 111).

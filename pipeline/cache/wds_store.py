@@ -4,12 +4,12 @@ One tar per chunk (= per image shard), written to a temp file and moved into pla
 chunk's "done" flag. Each sample holds `__key__`, `png`, `cls` (labelled samples only) and per-sample `.npy` arrays
 in the codec's stored dtype (`features.npy`, `logits.npy`, `views.npy`, and `features_scale.npy` for int8).
 `meta.json` holds the attributes, labels, keys and chunking; `head.npz` the teacher classifier. An open store holds the
-keys and labels as numpy arrays (`pipeline.shards.key_array`, int32), not as the JSON lists they are stored as.
+keys and labels as numpy arrays (`pipeline.data.shards.key_array`, int32), not as the JSON lists they are stored as.
 Next to each tar, `<split>-NNNNNN.tar.crc32` records the tar's CRC-32 and size ("crc32 <8 hex> bytes <n>"), written
 before the tar: a tar has no checksum over its contents (tarfile checks member headers only), so without it a flipped
 byte in a PNG or an array would read back silently. Local reads check it; `gendd cache verify` checks it everywhere.
 Tars without one (written by an older gendd) still read, unchecked.
-The public interface is `pipeline.store`; this module only lays bytes out on disk.
+The public interface is `pipeline.cache.store`; this module only lays bytes out on disk.
 """
 
 from __future__ import annotations
@@ -26,14 +26,22 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import locations
+from pipeline.data.shards import key_array
 from pipeline.errors import GenddError
 from pipeline.locations import one_line
-from pipeline.shards import key_array
 
 META = "meta.json"
+
+
 HEAD = "head.npz"
+
+
 ATTR_KEYS = ("schema_version", "teacher", "dataset", "views", "codec", "complete")
+
+
 _EXTENSIONS = ("features.npy", "features_scale.npy", "logits.npy", "views.npy", "png", "cls")
+
+
 CRC_SUFFIX = ".crc32"
 
 

@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.config import ViewPolicy
+from pipeline.data.shards import decode_shard
 from pipeline.errors import GenddError
-from pipeline.shards import decode_shard
 
 if TYPE_CHECKING:  # torch is imported where views are applied: shard-decode processes start without it (~2 s less)
     import torch
+
 
 IDENTITY = (0.0, 0.0, 1.0, 1.0, 0.0)
 

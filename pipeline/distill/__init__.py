@@ -1,0 +1,1 @@
+"""Distillation (`gendd distill`): GenDD's generative head and objectives, and the export of a distilled student."""
