@@ -177,6 +177,9 @@ def test_folder_mistakes_are_one_line_errors(tmp_path: Path) -> None:
     spec = _spec(tmp_path, data).read_text().replace("val: val", "val: holdout")
     (tmp_path / "holdout.yaml").write_text(spec)
     assert "splits: {train: train, val: val}" in _one_line(tmp_path / "holdout.yaml")
+    (tmp_path / "whole.yaml").write_text(spec.replace("splits: {train: train, val: holdout}", "splits: {train: .}"))
+    message = _one_line(tmp_path / "whole.yaml")  # val_fraction would make no val split: say what to write
+    assert "val_fraction 0.25 carves a val split" in message and "splits: {train: train, val: val}" in message
     (data / "validation").mkdir()
     assert "look like splits" in _one_line(_spec(tmp_path, data))
     (data / "train").mkdir()  # a train folder but no val folder: the split-folder layout, incomplete

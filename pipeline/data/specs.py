@@ -165,4 +165,11 @@ def load_spec(path: str | Path, source_path: str | None = None) -> DataSpec:
     if source_path:
         spec = spec.with_path(source_path)
     _check_values(spec, path)
+    if spec.source == "image_folder" and "val_fraction" in raw and "val" not in spec.splits:
+        # e.g. splits: {train: .}: the folder is read as the train split alone and val_fraction would carve nothing
+        raise GenddError(
+            f"{path}: val_fraction {spec.val_fraction} carves a val split, but splits {dict(spec.splits)} declare "
+            "none: write splits: {train: train, val: val} to carve val from the class folders under path, or "
+            "remove val_fraction"
+        )
     return spec
