@@ -21,6 +21,7 @@ from stages.options import (
     DEVICE_HELP,
     POLICY_HELP,
     PRECISION_HELP,
+    THREADS_HELP,
     WORKERS_HELP,
     DataMode,
     Device,
@@ -29,6 +30,7 @@ from stages.options import (
     Precision,
     Prediction,
     default,
+    pin_threads,
     use_cpu,
 )
 
@@ -109,6 +111,7 @@ def command(
     seed: int = typer.Option(default(T, "seed"), help="Seed of initialisation, sample order and views."),
     mixed_precision: Precision = typer.Option(default(T, "mixed_precision"), help=PRECISION_HELP),
     device: Device = typer.Option("auto", help=DEVICE_HELP),
+    threads: int = typer.Option(0, min=0, help=THREADS_HELP),
     resume: bool = typer.Option(True, help="Continue from the checkpoint in --work-dir when it exists."),
     data: DataMode = typer.Option(default(D, "mode"), help=DATA_HELP),
     workers: int = typer.Option(default(D, "workers"), help=WORKERS_HELP),
@@ -117,6 +120,7 @@ def command(
     checkpoint_minutes: float = typer.Option(default(C, "every_minutes"), help=CHECKPOINT_MINUTES_HELP),
 ) -> None:
     """Distil a student; checkpoints within and after every epoch and resumes automatically."""
+    pin_threads(threads)
     from pipeline.distill.distill import DistillConfig, distill
 
     # One settings dataclass per group of options; --head-width is HeadSettings.width, and so on.

@@ -7,7 +7,18 @@ from pathlib import Path
 import typer
 
 from pipeline.config import REFIT_SAMPLES, DataOptions, SamplingConfig
-from stages.options import DATA_HELP, DEVICE_HELP, WORKERS_HELP, DataMode, Device, Sampler, Spacing, default
+from stages.options import (
+    DATA_HELP,
+    DEVICE_HELP,
+    THREADS_HELP,
+    WORKERS_HELP,
+    DataMode,
+    Device,
+    Sampler,
+    Spacing,
+    default,
+    pin_threads,
+)
 
 S, D = SamplingConfig, DataOptions
 
@@ -28,6 +39,7 @@ def command(
     fast: bool = typer.Option(False, help="Probe path only: skip sampling."),
     batch_size: int = typer.Option(256, help="Images per forward pass."),
     device: Device = typer.Option("auto", help=DEVICE_HELP),
+    threads: int = typer.Option(0, min=0, help=THREADS_HELP),
     seed: int = typer.Option(default(S, "seed"), help="Seed of the sampler's noise."),
     data: DataMode = typer.Option(default(D, "mode"), help=DATA_HELP),
     workers: int = typer.Option(default(D, "workers"), help=WORKERS_HELP),
@@ -41,6 +53,7 @@ def command(
     ),
 ) -> None:
     """Evaluate a student; writes metrics.json (the scalars DVC shows), details.json and a per-class plot."""
+    pin_threads(threads)
     from pipeline.evaluate.evaluate import run_evaluation
     from stages.options import use_cpu
 

@@ -7,7 +7,19 @@ from pathlib import Path
 import typer
 
 from pipeline.config import ExtractConfig, ViewPolicy
-from stages.options import DEVICE_HELP, POLICY_HELP, PRECISION_HELP, Codec, Device, Format, Policy, Precision, default
+from stages.options import (
+    DEVICE_HELP,
+    POLICY_HELP,
+    PRECISION_HELP,
+    THREADS_HELP,
+    Codec,
+    Device,
+    Format,
+    Policy,
+    Precision,
+    default,
+    pin_threads,
+)
 
 E = ExtractConfig
 
@@ -26,11 +38,13 @@ def command(
     format: Format = typer.Option(default(E, "fmt"), "--format", help="zarr, or webdataset (training shards)."),
     mixed_precision: Precision = typer.Option(default(E, "mixed_precision"), help=PRECISION_HELP),
     device: Device = typer.Option("auto", help=DEVICE_HELP),
+    threads: int = typer.Option(0, min=0, help=THREADS_HELP),
     workers: int = typer.Option(
         default(E, "workers"), help="Shard-decode processes (0 = one thread; -1 = auto: half the cores, max 8)."
     ),
 ) -> None:
     """Extract teacher features and logits; finished chunks are skipped, so a killed run resumes."""
+    pin_threads(threads)
     from pipeline.extract.extract import extract
     from stages.options import use_cpu
 

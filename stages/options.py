@@ -61,6 +61,20 @@ CHECKPOINT_MINUTES_HELP = (
 )
 
 
+THREADS_HELP = (
+    "CPU threads for torch, BLAS and OpenMP (0 = the libraries' default, every core). CPU results differ with it in "
+    "the last digits (float sums): params.yaml pins it, so `dvc repro` gives the same figures on every machine."
+)
+
+
+def pin_threads(threads: int) -> None:
+    """Apply --threads before any work (0 leaves the libraries' defaults)."""
+    if threads:
+        from pipeline.devices import pin_cpu_threads
+
+        pin_cpu_threads(threads)
+
+
 def use_cpu(device: str) -> bool:
     """The library's `cpu` flag for a --device choice; `cuda` without a visible GPU is refused in one line."""
     if device == "cuda":

@@ -15,12 +15,14 @@ from stages.options import (
     DEVICE_HELP,
     POLICY_HELP,
     PRECISION_HELP,
+    THREADS_HELP,
     WORKERS_HELP,
     DataMode,
     Device,
     Policy,
     Precision,
     default,
+    pin_threads,
     use_cpu,
 )
 
@@ -47,6 +49,7 @@ def command(
     pretrained: bool = typer.Option(False, help="Use timm pretrained weights from the local cache."),
     mixed_precision: Precision = typer.Option(default(T, "mixed_precision"), help=PRECISION_HELP),
     device: Device = typer.Option("auto", help=DEVICE_HELP),
+    threads: int = typer.Option(0, min=0, help=THREADS_HELP),
     resume: bool = typer.Option(True, help="Continue from the checkpoint in --work-dir when it exists."),
     data: DataMode = typer.Option(default(D, "mode"), help=DATA_HELP),
     workers: int = typer.Option(default(D, "workers"), help=WORKERS_HELP),
@@ -55,6 +58,7 @@ def command(
     checkpoint_minutes: float = typer.Option(default(C, "every_minutes"), help=CHECKPOINT_MINUTES_HELP),
 ) -> None:
     """Train or adopt the teacher; prints its validation top-1 and where it was written."""
+    pin_threads(threads)
     from pipeline.teacher.teacher import TeacherConfig, make_teacher
 
     train = TrainConfig(

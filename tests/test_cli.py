@@ -113,3 +113,28 @@ def test_version() -> None:
     from pipeline import __version__
 
     assert _gendd("--version").stdout.strip() == f"gendd {__version__}"
+
+
+def test_threads_pins_torch_and_blas_in_a_fresh_process() -> None:
+    """--threads N (params.yaml pins 1 for the DVC pipeline) sets torch's and the loaded BLAS/OpenMP pools' threads, and
+    the environment for libraries loaded later: CPU float sums, so the figures, do not depend on the machine."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from .conftest import ROOT
+
+    code = (
+        "import numpy, torch, threadpoolctl\n"
+        "from pipeline.devices import pin_cpu_threads\n"
+        "pin_cpu_threads(1)\n"
+        "pools = [pool['num_threads'] for pool in threadpoolctl.threadpool_info()]\n"
+        "print(torch.get_num_threads(), max(pools, default=1), os.environ['OMP_NUM_THREADS'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", "import os\n" + code], env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["1", "1", "1"], out.stdout + out.stderr
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert all(params[stage]["threads"] == 1 for stage in ("teacher", "extract", "distill", "evaluate"))
