@@ -55,17 +55,27 @@ def check_writable(out: str | Path) -> Path:
 
 
 @contextmanager
+def naming(path: str | Path, *aliases: Path) -> Iterator[None]:
+    """Re-raise an operating-system error that names no file (a full disk answers a write() so) or names one of
+    `aliases` (a temporary name) as one about `path`: the error line then says which output failed."""
+    try:
+        yield
+    except OSError as err:
+        unnamed = err.filename is None or any(Path(err.filename) == alias for alias in aliases)
+        if unnamed and err.errno is not None:
+            raise OSError(err.errno, err.strerror, str(path)) from err  # the same subclass (errno decides it)
+        raise
+
+
+@contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed to `path`, on failure it is removed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as err:
-        if err.filename is not None and Path(err.filename) == tmp:  # name the file the user asked for
-            raise OSError(err.errno, err.strerror, str(path)) from err
-        raise
+        with naming(path, tmp):
+            yield tmp
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -29,6 +29,7 @@ from pipeline import locations
 from pipeline.data.shards import key_array
 from pipeline.errors import GenddError
 from pipeline.locations import one_line
+from pipeline.outputs import naming
 
 META = "meta.json"
 
@@ -76,8 +77,9 @@ def _replace_atomically(path: Path, data: bytes) -> None:
     """Write `data` to a temp file next to `path`, then rename it over `path` (readers never see a partial file)."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        with naming(path, tmp):
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -34,6 +34,7 @@ from pipeline.cache.wds_store import StoreDamage, read_problem, rebuild_hint
 from pipeline.data.shards import key_array
 from pipeline.errors import GenddError
 from pipeline.locations import one_line
+from pipeline.outputs import naming
 
 PER_SAMPLE = ("features", "logits", "views", "features_scale")
 
@@ -64,7 +65,7 @@ def _write_renamed(path: Path, data: Any, exclusive: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(tmp, "xb") as handle:
+        with naming(path, tmp), open(tmp, "xb") as handle:
             handle.write(data)
         if exclusive:
             os.link(tmp, path)

@@ -24,6 +24,7 @@ from pipeline.data.shards import INDEX, ShardIndex, file_digest, key_array, load
 from pipeline.data.sources import inspect_source, iter_source
 from pipeline.data.specs import DataSpec
 from pipeline.errors import GenddError
+from pipeline.outputs import naming
 
 if TYPE_CHECKING:  # imported where tensors are built: shard-decode processes start without torch
     pass
@@ -57,7 +58,7 @@ def _write_new(path: Path, data: bytes) -> None:
     """Write `data` as a new file at `path` (a temp name): a leftover one is unlinked first, never truncated, since a
     file in a DVC-tracked folder may be a hardlink into DVC's cache."""
     path.unlink(missing_ok=True)
-    with open(path, "xb") as handle:
+    with naming(path), open(path, "xb") as handle:
         handle.write(data)
 
 
