@@ -25,8 +25,8 @@ lint: setup
 
 # Every test, the end-to-end runs marked slow included (what CI runs).
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m 'slow or not slow'
 
-# The inner loop: everything but the tests marked slow.
+# The inner loop: everything but the tests marked slow (what a plain `pytest` runs: pyproject.toml's addopts).
 test-fast: lint
-	$(BIN)/pytest -q -m 'not slow'
+	$(BIN)/pytest -q

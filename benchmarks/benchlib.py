@@ -108,6 +108,19 @@ def machine(device: torch.device) -> dict:
     return info
 
 
+def machine_name() -> str:
+    """Short name of the machine a result table was made on: the GPU's when CUDA is visible, else CPU and cores."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{_cpu_model()}, {os.cpu_count()} cores"
+
+
+def seed_mean(values: Sequence[float | None]) -> float | None:
+    """Mean over seeds, or None unless every seed has the value (a missing run is never averaged away)."""
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present and len(present) == len(values) else None
+
+
 def machine_line(info: dict) -> str:
     """One Markdown line naming the machine."""
     gpu = f", GPU {info['gpu']}" if "gpu" in info else ""

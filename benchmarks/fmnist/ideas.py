@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared benchlib
+from benchlib import machine_name, seed_mean
 
 METRICS = ("probe_top1", "generative_top1", "refit_top1", "refit_z_top1", "train_seconds", "eval_seconds")
 BASELINES = {"kd": "gendd", "kl": "gendd_unsup"}  # the baseline each GenDD variant is drawn against
@@ -46,11 +48,6 @@ def read_runs(runs: Path) -> list[dict]:
     return rows
 
 
-def _mean(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present and len(present) == len(values) else None
-
-
 def plot(rows: list[dict], path: Path) -> list[tuple[str, str]]:
     """Dot plot: one line per idea (its distill options), small marks the seeds, large ones the mean; probe, generative
     and refit top-1; the KD / KL means as vertical lines in the panel of the method they are the baseline of.
@@ -81,7 +78,7 @@ def plot(rows: list[dict], path: Path) -> list[tuple[str, str]]:
                     ax.plot(vals, [y] * len(vals), ls="", ms=3, alpha=0.5, **style)
                     ax.plot([sum(vals) / len(vals)], [y], ls="", ms=8, **style)
         for key, color in (("probe_top1", "C0"), ("refit_top1", "C1")):
-            m = _mean([r[key] for r in ideas.get(base, [])])
+            m = seed_mean([r[key] for r in ideas.get(base, [])])
             if m is not None:
                 ax.axvline(m, color=color, ls="--", lw=1, label=f"{base.upper()} {key.split('_')[0]} {m:.2f}")
         options = [ideas[n][0]["options"].replace(f"--method {method}", "").strip() for n in names]
@@ -108,8 +105,7 @@ def main() -> None:
     rows = read_runs(args.runs)
     if not rows:
         raise SystemExit(f"ideas: no <idea>/s<seed>/eval*/details.json under {args.runs}")
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    doc = {"date": datetime.date.today().isoformat(), "machine": machine, "rows": rows}
+    doc = {"date": datetime.date.today().isoformat(), "machine": machine_name(), "rows": rows}
     args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
     plot(rows, args.out.with_suffix(".png"))
     print(f"ideas: {len(rows)} runs -> {args.out}.json, {args.out}.png")

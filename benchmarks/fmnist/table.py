@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
+import sys
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared benchlib
+from benchlib import machine_name, seed_mean
 
 HERE = Path(__file__).resolve().parent
 COLUMNS = (
@@ -85,11 +87,6 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _mean(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if len(present) == len(values) and present else None
-
-
 def seed_means(rows: list[dict]) -> str:
     """Mean over seeds of every (student, method); probe - KD against the mean of the same student's KD (or KL)."""
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -97,12 +94,12 @@ def seed_means(rows: list[dict]) -> str:
         groups.setdefault((r["student"], r["method"]), []).append(r)
     lines = [MEAN_COLUMNS]
     for (student, method), runs in groups.items():
-        probe = _mean([r["probe_top1"] for r in runs])
+        probe = seed_mean([r["probe_top1"] for r in runs])
         base = next((g for (s, m), g in groups.items() if s == student and m in ("kd", "kl")), None)
-        base_probe = _mean([r["probe_top1"] for r in base]) if base else None
+        base_probe = seed_mean([r["probe_top1"] for r in base]) if base else None
         delta = "-" if base_probe is None or probe is None else f"{probe - base_probe:+.2f}"
         seeds = ", ".join(str(r["seed"]) for r in runs)
-        gen, refit = (_mean([r.get(k) for r in runs]) for k in ("generative_top1", "refit_top1"))
+        gen, refit = (seed_mean([r.get(k) for r in runs]) for k in ("generative_top1", "refit_top1"))
         lines.append(
             f"| {runs[0]['part']} | {student} | {method} | {seeds} | {_fmt(probe)} | {_fmt(gen)} | {delta} | "
             f"{_fmt(refit)} |"
@@ -124,14 +121,7 @@ def main() -> None:
     if min(counts) * 10 <= max(counts):  # long-tailed training data: per-shot groups of the probe's classes
         for r in rows:
             r["shots"] = shot_groups(r["probe_per_class"], counts)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            machine = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
+    machine = machine_name()
     date = datetime.date.today().isoformat()
     profile = {k: params[k] for k in ("prepare", "teacher", "extract", "distill", "evaluate")}
     md = (
