@@ -22,6 +22,22 @@ non-zero exit, exactly one line on stderr, no traceback, and no output that look
 that run printed ({day}, `python benchmarks/fault_table.py`); `<tmp>` is the test's directory, `<in>` the shared
 inputs (digits shards, two synthetic caches, a student distilled from the first).
 
+## What is checked
+
+Option ranges and choices, before any work; the output location is writable, before long work; shards against the
+size and sha256 `index.json` records (`prepare` rewrites a damaged shard byte for byte: the cache stays valid);
+NaN/inf and damaged chunks wherever cached values are read (naming store, array and chunk); a non-finite training loss
+(naming epoch and step; the checkpoint keeps the last good epoch, nothing is exported); a student's teacher, cache
+and dataset (recorded in `student.json`: evaluating with another teacher's cache is refused); a cache whose image
+shards changed since extraction (the cache records each shard's sha256; the line names the shard); an operating-system
+error (a full disk, a read-only folder) names the file it concerns. `gendd cache verify` reads every chunk of every
+array (checksums, shapes, finiteness, done flags, attributes), then replays `--samples` (default 32) views through
+the teacher with a pass/fail tolerance; it lists every problem and exits 2 on any (`--quick`: the replay only;
+`--samples 0`: the scan only). A damaged Zarr chunk is fixed by deleting its done flag (`<split>.zarr/done/c/<i>`)
+and re-running `gendd extract`.
+
+## The faults
+
 | fault | stage | message |
 | --- | --- | --- |
 """

@@ -90,6 +90,26 @@ def test_the_narrowness_check_sees_a_student_side_dep() -> None:
     assert not _covered("pipeline/distill/head.py", ["pipeline/dist"])
 
 
+def lock_drift(root: Path) -> dict[str, dict]:
+    """Stage -> what of its code, data specs and params differs from the committed dvc.lock (empty: none)."""
+    from dvc.repo import Repo
+
+    drift = {}
+    with Repo(str(root)) as repo:
+        for stage in repo.index.stages:
+            for dep in stage.deps:
+                if dep.def_path.startswith(("pipeline", "stages", "data_specs", "params")) and (found := dep.status()):
+                    drift.setdefault(stage.addressing, {}).update(found)
+    return drift
+
+
+def test_committed_lock_records_the_current_code_and_params() -> None:
+    """dvc.lock is refreshed after every code change (`make run` on the final code): otherwise a fresh clone's
+    `make run` reruns stages whose code changed and its figures need not be the README's."""
+    drift = lock_drift(ROOT)
+    assert not drift, f"dvc.lock is stale (run make run and commit dvc.lock): {drift}"
+
+
 def _run(cwd: Path, *args: str) -> str:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
@@ -171,11 +191,14 @@ def test_editing_the_head_leaves_teacher_and_cache_up_to_date(project: Path) -> 
     try:
         head.write_text(original + "\n# an edit\n")
         status = _run(project, sys.executable, "-m", "dvc", "status")
+        drift = lock_drift(project)  # what the committed-lock test sees: the edited folder, in student stages only
     finally:
         head.write_text(original)
     changed = {line.rstrip(":") for line in status.splitlines() if line and not line.startswith((" ", "\t"))}
     assert {"prepare", "teacher", "extract"}.isdisjoint(changed), changed
     assert any(stage.startswith("distill@") for stage in changed), status
+    assert drift and all(stage.startswith(("distill@", "evaluate@")) for stage in drift), drift
+    assert all(found == {"pipeline/distill": "modified"} for found in drift.values()), drift
 
 
 def _weights(path: Path) -> dict:
