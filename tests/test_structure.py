@@ -98,3 +98,9 @@ def test_pipeline_imports_form_no_cycle() -> None:
     """A cycle means two modules cannot be read (or imported) one without the other."""
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle in pipeline/: " + " -> ".join(cycle)
+
+
+def test_readme_is_a_manual_of_at_most_200_lines() -> None:
+    """Tables and findings live in docs/; the README stays a manual someone reads through."""
+    lines = len((ROOT / "README.md").read_text().splitlines())
+    assert lines <= 200, f"README.md has {lines} lines: move detail to docs/ and link it"
