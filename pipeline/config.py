@@ -283,7 +283,7 @@ class ExtractConfig:
 
     shards: str | Path  # a local directory or a URL
     teacher: Path
-    out: str | Path  # local only
+    out: str | Path  # a local directory, or an s3:// or gs:// prefix
     splits: tuple[str, ...] = ("train", "val")
     num_views: int = 8
     eval_views: int = 1  # views cached for splits other than train (the identity is enough to evaluate)

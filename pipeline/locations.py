@@ -1,10 +1,13 @@
-"""Where inputs live: a local path or an fsspec URL (`http(s)://`, `s3://`, `gs://`). Reads go through here; outputs
-stay local (`check_local_out`), so no stage ever half-writes to object storage."""
+"""Where inputs and outputs live: a local path or an fsspec URL (`http(s)://`, `s3://`, `gs://`). Reads go through
+here; outputs are local, or an object store (`s3://`, `gs://`) where every object is uploaded whole, so a reader never
+sees half of one. Remote calls retry transient errors (botocore's standard mode) and then fail in one line."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,11 @@ _MANGLED_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 # Connect and between-packet limits rather than a total one: a slow but live download of a large shard is fine, a
 # dead server or a stalled transfer fails within a minute instead of hanging a training run.
 HTTP_TIMEOUT_S = {"connect": 30.0, "sock_read": 60.0}
+# Object stores gendd writes to; every other output is a local path.
+WRITE_SCHEMES = ("s3", "gs", "gcs")
+# Attempts of one S3 call (botocore "standard" retries: exponential backoff with jitter, up to 20 s apart), so an
+# outage of about a minute is ridden out and a dead endpoint fails in one line within a few minutes.
+S3_ATTEMPTS = 8
 
 
 def one_line(exc: BaseException) -> str:
@@ -68,12 +76,106 @@ def normalize(location: str | Path) -> str | Path:
 
 
 def check_local_out(location: str | Path) -> Path:
-    """An output location as a local Path; a URL is refused (nothing is created)."""
+    """An output location that must be local, as a Path; a URL is refused (nothing is created)."""
     if scheme(location) != "file" and (is_url(location) or _MANGLED_URL.match(str(location))):
         raise GenddError(
-            f"{location}: writing to URLs is not supported: write to a local path and upload it (e.g. aws s3 sync)"
+            f"{location}: this output must be a local path: write it locally (object storage: prepare and extract "
+            "write s3:// and gs:// URLs)"
         )
     return _local(location)
+
+
+def check_out(location: str | Path) -> Path | str:
+    """An output location of a stage that writes object storage: a local Path, or the URL of a scheme this install
+    can write (checked without network access: `probe_writable` checks the bucket)."""
+    kind = scheme(location)
+    if kind in ("local", "file"):
+        return check_local_out(location)  # also refuses a URL that lost a slash
+    if kind not in WRITE_SCHEMES:
+        writable = ", ".join(f"{s}://" for s in WRITE_SCHEMES)
+        raise GenddError(f"{location}: cannot write {kind}:// locations: write to a local path or to {writable}")
+    check_readable(location)
+    return str(location).rstrip("/")
+
+
+def s3_attempts() -> int:
+    """Attempts of one S3 call: GENDD_S3_ATTEMPTS, else S3_ATTEMPTS."""
+    return int(os.environ.get("GENDD_S3_ATTEMPTS") or S3_ATTEMPTS)
+
+
+def _bucket(url: str) -> str:
+    return url.split("://", 1)[1].split("/", 1)[0]
+
+
+def remote_error(url: str, exc: BaseException, doing: str = "write") -> GenddError:
+    """One line for a failed object-store call: missing credentials, a missing bucket, access denied, an endpoint
+    that stays unreachable after the retries, each with what to do."""
+    name, bucket = type(exc).__name__, _bucket(url)
+    if name in ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"):
+        return GenddError(
+            f"{url}: no credentials to {doing} {scheme(url)}:// (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or "
+            "AWS_PROFILE for s3, GOOGLE_APPLICATION_CREDENTIALS for gs)"
+        )
+    if isinstance(exc, FileNotFoundError) and "bucket" in str(exc).lower():
+        return GenddError(f"{url}: bucket {bucket} does not exist: create it (aws s3 mb s3://{bucket}) or fix the URL")
+    if isinstance(exc, PermissionError):
+        return GenddError(f"{url}: access denied ({one_line(exc)}): use credentials that may {doing} bucket {bucket}")
+    if isinstance(exc, FileNotFoundError):
+        return GenddError(f"{url} not found: check the URL (and that the data was uploaded there)")
+    return GenddError(
+        f"cannot {doing} {url} ({one_line(exc)}) after {s3_attempts()} attempts: check the endpoint (AWS_ENDPOINT_URL) "
+        "and the network, then re-run (finished parts are kept)"
+    )
+
+
+def probe_writable(url: str) -> None:
+    """Before any work: credentials, bucket and write permission of an object-store output, as one line each."""
+    fs = _filesystem(url)
+    probe = join(url, f".gendd-write-test.{uuid.uuid4().hex}")
+    try:
+        fs.ls(f"{scheme(url)}://{_bucket(url)}")  # credentials and the bucket (exists() would hide both as False)
+        fs.pipe_file(probe, b"gendd")
+        fs.rm_file(probe)
+    except network_errors() as exc:
+        raise remote_error(url, exc) from exc
+
+
+def object_sizes(url: str) -> dict[str, int]:
+    """Every object under the prefix `url` (s3://, gs://) by its path below it, with its size: one listing."""
+    if scheme(url) not in WRITE_SCHEMES:
+        raise GenddError(
+            f"{url}: sizes need a listing, which {scheme(url)}:// lacks: download it, or use s3:// or gs://"
+        )
+    fs = _filesystem(url)
+    try:
+        found = fs.find(url, detail=True)
+    except network_errors() as exc:
+        raise remote_error(url, exc, "read") from exc
+    root = fs._strip_protocol(url).rstrip("/")
+    return {name[len(root) + 1 :]: int(entry["size"]) for name, entry in found.items()}
+
+
+def put_bytes(url: str, data: bytes) -> None:
+    """Write one object whole (a single PUT: readers see the old object or the new one, never half)."""
+    try:
+        _filesystem(url).pipe_file(url, data)
+    except network_errors() as exc:
+        raise remote_error(url, exc) from exc
+
+
+def put_file(local: Path, url: str) -> None:
+    """Upload a local file whole: the object appears complete or not at all (multipart uploads included)."""
+    try:
+        _filesystem(url).put_file(str(local), url)
+    except network_errors() as exc:
+        raise remote_error(url, exc) from exc
+
+
+def put_tree(local: Path, url: str, last: str) -> None:
+    """Upload every file under `local` to the prefix `url`, the file `last` (the marker readers look for) last."""
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    for path in sorted(files, key=lambda p: p.relative_to(local).as_posix() == last):
+        put_file(path, str(join(url, path.relative_to(local).as_posix())))
 
 
 def join(root: str | Path, *parts: str) -> str | Path:
@@ -84,9 +186,12 @@ def join(root: str | Path, *parts: str) -> str | Path:
 
 
 def storage_options(url: str) -> dict[str, Any]:
-    """fsspec options for `url`, also for libraries that open it themselves (zarr): finite HTTP timeouts."""
+    """fsspec options for `url`, also for libraries that open it themselves (zarr): finite HTTP timeouts, S3 retries.
+    Credentials and endpoints come from the usual environment variables and config files (AWS_ENDPOINT_URL too)."""
+    if scheme(url) == "s3":
+        return {"config_kwargs": {"retries": {"max_attempts": s3_attempts(), "mode": "standard"}}}
     if scheme(url) not in ("http", "https"):
-        return {}  # s3/gs: credentials and settings come from their usual environment variables and config files
+        return {}  # gs: gcsfs retries transient errors itself
     import aiohttp
 
     return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, **HTTP_TIMEOUT_S)}}
@@ -106,6 +211,10 @@ def network_errors() -> tuple[type[BaseException], ...]:
         import aiohttp
 
         errors.append(aiohttp.ClientError)  # HTTP status errors (403, 500) are not OSErrors
+    if importlib.util.find_spec("botocore") is not None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        errors += [BotoCoreError, ClientError]  # missing credentials, an endpoint that stays unreachable
     return tuple(errors)
 
 

@@ -37,6 +37,16 @@ def os_error_line(err: OSError) -> str:
     return f"{where}: {advice}"
 
 
+def check_out_writable(out: str | Path) -> Path | str:
+    """`check_writable` for a stage that writes object storage too: a URL's bucket is checked (credentials, the
+    bucket, write permission: one line each) before any work."""
+    location = locations.check_out(out)
+    if isinstance(location, str):
+        locations.probe_writable(location)
+        return location
+    return check_writable(location)
+
+
 def check_writable(out: str | Path) -> Path:
     """Create the output directory `out` (local only) and prove it writable, before any long work starts."""
     root = locations.check_local_out(out)

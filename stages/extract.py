@@ -27,7 +27,9 @@ E = ExtractConfig
 def command(
     shards: str = typer.Option(..., help="Image shard directory or URL (gendd prepare --out)."),
     teacher: Path = typer.Option(..., help="Teacher directory (gendd teacher --out)."),
-    out: str = typer.Option(..., help="Cache directory: <out>/<split>.zarr (or <split>-features/ shards)."),
+    out: str = typer.Option(
+        ..., help="Cache directory or s3://, gs:// prefix: <out>/<split>.zarr (or <split>-features/ shards)."
+    ),
     splits: str = typer.Option(",".join(default(E, "splits")), help="Comma-separated splits to extract."),
     views: int = typer.Option(default(E, "num_views"), help="Views per training image (view 0 = the plain image)."),
     eval_views: int = typer.Option(default(E, "eval_views"), help="Views per image for the other splits."),

@@ -12,7 +12,9 @@ from pipeline.data.specs import load_spec
 
 def command(
     spec: Path = typer.Option(..., help="Data spec YAML (see data_specs/)."),
-    out: str = typer.Option(..., help="Output directory for <split>-NNNNNN.tar shards and index.json."),
+    out: str = typer.Option(
+        ..., help="Output directory (or s3://, gs:// prefix) for <split>-NNNNNN.tar shards and index.json."
+    ),
     shard_size: int = typer.Option(1000, help="Samples per shard (also the feature cache's chunk size)."),
     max_samples: int = typer.Option(0, help="Keep only the first N samples of each split (0 = all; quick runs)."),
     source_path: str | None = typer.Option(None, help="Read the source data from here instead of the spec's path."),

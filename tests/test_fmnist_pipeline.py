@@ -146,10 +146,10 @@ def test_repro_of_a_part_writes_its_table(tmp_path: Path) -> None:
     root = tmp_path / "project"
     for name in ("pipeline", "stages", "data_specs"):
         shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "benchmarks" / "benchlib.py", root / "benchmarks" / "benchlib.py")  # table.py's helpers
     shutil.copytree(
         BENCH, root / "benchmarks" / "fmnist", ignore=shutil.ignore_patterns("data", "eval", "students", "work")
     )
+    shutil.copy(ROOT / "benchmarks" / "benchlib.py", root / "benchmarks" / "benchlib.py")  # table.py's helpers
     digits = yaml.safe_load((ROOT / "data_specs" / "digits.yaml").read_text())
     for spec in yaml.safe_load((BENCH / "dvc.yaml").read_text())["stages"]["prepare"]["foreach"]:
         (root / "data_specs" / f"{spec}.yaml").write_text(yaml.safe_dump({**digits, "name": spec}))

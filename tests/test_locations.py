@@ -194,12 +194,23 @@ def test_missing_package_named() -> None:
             assert "\n" not in str(error.value)
 
 
-def test_outputs_stay_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_outputs_refuse_urls_and_object_store_outputs_refuse_other_schemes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outputs that must be local (a teacher, a student) refuse any URL; prepare's and extract's accept s3:// and
+    gs:// only, and a URL that lost a slash in a Path is never taken for a local folder named "s3:"."""
+    from pipeline.locations import check_out
+
     monkeypatch.chdir(tmp_path)
     for location in ("s3://bucket/x", Path("s3://bucket/x"), "http://127.0.0.1:1/out"):
-        with pytest.raises(GenddError, match="writing to URLs is not supported") as error:
+        with pytest.raises(GenddError, match="this output must be a local path") as error:
             check_local_out(location)
         assert "\n" not in str(error.value)
+    assert check_out("s3://bucket/x/") == "s3://bucket/x" and check_out(tmp_path / "out") == tmp_path / "out"
+    with pytest.raises(GenddError, match="must be a local path"):
+        check_out(Path("s3://bucket/x"))
+    with pytest.raises(GenddError, match=r"cannot write http:// locations: write to a local path or to s3://"):
+        check_out("http://127.0.0.1:1/out")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -20,7 +20,7 @@ from pipeline.data.shards import ShardIndex, load_index, load_split
 from pipeline.errors import GenddError
 from pipeline.train.input import EpochPlan, view_plan
 from pipeline.train.memory import memory_input
-from pipeline.train.stream import StreamInput, stream_eval_batches
+from pipeline.train.stream import StreamInput, _open_source, stream_eval_batches
 
 from .conftest import serve_http
 
@@ -129,6 +129,31 @@ def test_webdataset_cache_streams_the_same_pairs(digits_shards: ShardIndex, tmp_
     cache = build_cache(digits_shards, tmp_path / "wds", fmt="webdataset")
     source = StreamInput(digits_shards.root, cache, "train", DataOptions(mode="stream", workers=1))
     check_pairing(epoch(source, EpochPlan(0, 2, 16)), digits_shards, 0, 2)
+
+
+def test_webdataset_cache_stream_reads_no_image_shard(
+    digits_shards: ShardIndex, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A webdataset cache holds the images: the stream takes them from its tars (one object per shard, not two, over
+    a network) and gets the pixels, labels and targets the image shards plus a Zarr cache give."""
+    import pipeline.train.stream as stream_module
+
+    zarr_cache = build_cache(digits_shards, tmp_path / "zarr")
+    wds_cache = build_cache(digits_shards, tmp_path / "wds", fmt="webdataset")
+    plan = EpochPlan(0, 1, 16)
+    reference, _ = _open_source(digits_shards.root, zarr_cache, "train")
+    wanted = [reference.read(i, plan) for i in range(len(digits_shards.split("train").names))]
+
+    def no_image_shards(*args, **kwargs):
+        raise AssertionError("an image shard was read")
+
+    monkeypatch.setattr(stream_module, "decode_shard", no_image_shards)
+    source, _ = _open_source(digits_shards.root, wds_cache, "train")
+    for i, want in enumerate(wanted):
+        got = source.read(i, plan)
+        assert got.keys() == want.keys()
+        for name in want:
+            assert np.array_equal(got[name], want[name]), (i, name)
 
 
 def test_memory_and_stream_train_on_the_same_views(cached: tuple[ShardIndex, Path]) -> None:

@@ -16,7 +16,8 @@ from pipeline.data.shards import key_array
 from pipeline.errors import GenddError
 
 if TYPE_CHECKING:
-    pass
+    from pipeline.cache.wds_store import WdsStore
+    from pipeline.cache.zarr_store import ZarrStore
 
 
 SCHEMA_VERSION = 1
@@ -126,3 +127,41 @@ def index_problems(
             repeated = keys[np.flatnonzero(later)[0]].decode(errors="replace")
             problems.append(("keys", None, f"are not unique ({len(keys) - len(first)} repeats, first {repeated!r})"))
     return problems
+
+
+def check_same_store(
+    store: ZarrStore | WdsStore, attrs: dict, chunk_size: int, keys: np.ndarray, labels: np.ndarray
+) -> None:
+    """Refuse to resume into a store written for another teacher, dataset (image shard contents included), view
+    policy, codec or chunking."""
+    found, wanted = store.attrs, dict(attrs)
+    if isinstance(found.get("dataset"), dict) and "shard_sha256" not in found["dataset"]:
+        wanted["dataset"] = without_shards(attrs["dataset"])  # a store from before shard hashes: resumed as before
+    differs = [name for name in ("schema_version", "teacher", "dataset", "views") if found.get(name) != wanted[name]]
+    if "dataset" in differs and without_shards(found.get("dataset")) == without_shards(wanted["dataset"]):
+        differs[differs.index("dataset")] = "dataset (the image shards changed since it was started)"
+    if found.get("codec") != attrs["codec"]:
+        differs.append(f"codec ({found.get('codec')!r}, not {attrs['codec']!r})")
+    if store.chunk_size != chunk_size:
+        differs.append(f"chunk_size ({store.chunk_size}, not {chunk_size})")
+    if not differs and not np.array_equal(store.keys(), keys):
+        differs.append("keys")
+    if not differs and not np.array_equal(store.labels(), labels):
+        differs.append("labels")
+    if differs:
+        raise GenddError(
+            f"{store.path} holds a cache with a different {', '.join(differs)}: delete it or pick another path"
+        )
+
+
+def without_shards(dataset: Any) -> Any:
+    return {k: v for k, v in dataset.items() if k != "shard_sha256"} if isinstance(dataset, dict) else dataset
+
+
+def head_arrays(meta: CacheMeta, weight: np.ndarray, bias: np.ndarray) -> dict[str, np.ndarray]:
+    """The teacher classifier as float32, checked against the meta's dimensions."""
+    c, d = int(meta.teacher["num_classes"]), int(meta.teacher["feature_dim"])
+    weight, bias = np.asarray(weight, np.float32), np.asarray(bias, np.float32)
+    if weight.shape != (c, d) or bias.shape != (c,):
+        raise GenddError(f"teacher head has shapes {weight.shape}, {bias.shape}; meta says ({c}, {d}), ({c},)")
+    return {"weight": weight, "bias": bias}

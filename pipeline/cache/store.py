@@ -17,8 +17,9 @@ loader workers share without copying. The attribute `dataset.shard_sha256` lists
 cache was built from (caches from before it lack it); readers given the shards refuse a cache whose shards changed
 since.
 
-Reading also works from an fsspec URL (`http(s)://`, `s3://`, `gs://`; see pipeline/locations.py); writing is local.
-
+Stores may live at an fsspec URL (read: `http(s)://`, `s3://`, `gs://`; written: `s3://`, `gs://`). In object storage
+every file is one object uploaded whole (a chunk is one PUT), so a reader never sees half of one; a store is created
+locally and uploaded with its marker last (`_create_once`).
 Reads check what they return: a chunk holding NaN or inf, a damaged or missing chunk file (Zarr: a bad crc32c
 checksum; webdataset: a tar that differs from its recorded CRC-32), labels or keys of the wrong length, labels out of
 range, a non-finite teacher head or attributes lacking a field are each one `GenddError` line naming the store, the
@@ -37,8 +38,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +49,15 @@ import numpy as np
 
 from pipeline import locations
 from pipeline.cache.codecs import EXTRACT_FIX, all_finite, decode_chunk, encode_chunk
-from pipeline.cache.meta import SCHEMA_VERSION, CacheMeta, attrs_problems, head_problems, index_problems
+from pipeline.cache.meta import (
+    SCHEMA_VERSION,
+    CacheMeta,
+    attrs_problems,
+    check_same_store,
+    head_arrays,
+    head_problems,
+    index_problems,
+)
 from pipeline.cache.wds_store import StoreDamage, WdsStore
 from pipeline.cache.zarr_store import ZarrStore
 from pipeline.config import FORMATS
@@ -87,18 +98,15 @@ def _check_inputs(meta: CacheMeta, split: str, chunk_size: int, keys: np.ndarray
         )
 
 
-def _head_arrays(meta: CacheMeta, weight: np.ndarray, bias: np.ndarray) -> dict[str, np.ndarray]:
-    """The teacher classifier as float32, checked against the meta's dimensions."""
-    c, d = int(meta.teacher["num_classes"]), int(meta.teacher["feature_dim"])
-    weight, bias = np.asarray(weight, np.float32), np.asarray(bias, np.float32)
-    if weight.shape != (c, d) or bias.shape != (c,):
-        raise GenddError(f"teacher head has shapes {weight.shape}, {bias.shape}; meta says ({c}, {d}), ({c},)")
-    return {"weight": weight, "bias": bias}
-
-
-def _create_once(store_cls: type[ZarrStore] | type[WdsStore], path: Path, *layout: Any) -> None:
-    """Create the store at `path` unless it exists: built privately, then renamed into place (one creator wins)."""
+def _create_once(store_cls: type[ZarrStore] | type[WdsStore], path: Path | str, *layout: Any) -> None:
+    """Create the store at `path` unless it exists: built privately, then renamed into place (one creator wins); in
+    object storage uploaded with its marker last (racing creators upload the same bytes, never chunk data)."""
     if store_cls.exists(path):
+        return
+    if locations.is_url(path):
+        with tempfile.TemporaryDirectory(prefix="gendd-store-") as tmp:
+            store_cls.create(Path(tmp) / "store", *layout)
+            locations.put_tree(Path(tmp) / "store", str(path), last=store_cls.MARKER)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
@@ -112,35 +120,6 @@ def _create_once(store_cls: type[ZarrStore] | type[WdsStore], path: Path, *layou
             ) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _check_same_store(
-    store: ZarrStore | WdsStore, attrs: dict, chunk_size: int, keys: np.ndarray, labels: np.ndarray
-) -> None:
-    """Refuse to resume into a store written for another teacher, dataset (image shard contents included), view
-    policy, codec or chunking."""
-    found, wanted = store.attrs, dict(attrs)
-    if isinstance(found.get("dataset"), dict) and "shard_sha256" not in found["dataset"]:
-        wanted["dataset"] = _without_shards(attrs["dataset"])  # a store from before shard hashes: resumed as before
-    differs = [name for name in ("schema_version", "teacher", "dataset", "views") if found.get(name) != wanted[name]]
-    if "dataset" in differs and _without_shards(found.get("dataset")) == _without_shards(wanted["dataset"]):
-        differs[differs.index("dataset")] = "dataset (the image shards changed since it was started)"
-    if found.get("codec") != attrs["codec"]:
-        differs.append(f"codec ({found.get('codec')!r}, not {attrs['codec']!r})")
-    if store.chunk_size != chunk_size:
-        differs.append(f"chunk_size ({store.chunk_size}, not {chunk_size})")
-    if not differs and not np.array_equal(store.keys(), keys):
-        differs.append("keys")
-    if not differs and not np.array_equal(store.labels(), labels):
-        differs.append("labels")
-    if differs:
-        raise GenddError(
-            f"{store.path} holds a cache with a different {', '.join(differs)}: delete it or pick another path"
-        )
-
-
-def _without_shards(dataset: Any) -> Any:
-    return {k: v for k, v in dataset.items() if k != "shard_sha256"} if isinstance(dataset, dict) else dataset
 
 
 class FeatureCacheWriter:
@@ -174,13 +153,13 @@ class FeatureCacheWriter:
         meta.validate()
         keys, labels = key_array(keys), np.asarray(labels).astype(np.int32)
         _check_inputs(meta, split, chunk_size, keys, labels)
-        head = _head_arrays(meta, head_weight, head_bias)
+        head = head_arrays(meta, head_weight, head_bias)
         store_cls = _STORES[fmt]
-        path = store_cls.location(locations.check_local_out(cache_dir), split)
+        path = store_cls.location(locations.check_out(cache_dir), split)
         attrs = meta.to_attrs()
         _create_once(store_cls, path, attrs, chunk_size, keys, labels, head)
         store = store_cls.open(path, writable=True)
-        _check_same_store(store, attrs, chunk_size, keys, labels)
+        check_same_store(store, attrs, chunk_size, keys, labels)
         return cls(store, meta)
 
     def pending_chunks(self, rank: int = 0, world: int = 1) -> list[int]:
@@ -204,15 +183,30 @@ class FeatureCacheWriter:
         for name, width in (("features", self.feature_dim), ("logits", self.num_classes), ("views", 5)):
             if arrays[name].shape != (expected := (stop - start, self.K, width)):
                 raise GenddError(f"chunk {i}: {name} has shape {arrays[name].shape}, expected {expected} (n_i, K, dim)")
-        self._store.write(i, start, encode_chunk(self.meta.codec, **arrays), images)
+        with self._remote_calls():
+            self._store.write(i, start, encode_chunk(self.meta.codec, **arrays), images)
 
     def finalize(self) -> bool:
         """Set `complete` iff every chunk is done (by any writer); return whether the store is complete."""
-        if not self._store.done().all():
-            return False
-        if not self.complete:
-            self._store.set_complete()
+        with self._remote_calls():
+            if not self._store.done().all():
+                return False
+            if not self.complete:
+                self._store.set_complete()
         return True
+
+    @contextmanager
+    def _remote_calls(self) -> Iterator[None]:
+        """An object store that stays unreachable through the retries (or refuses a write): one line naming it;
+        the chunks written so far are kept, and a re-run fills only the missing ones."""
+        try:
+            yield
+        except GenddError:
+            raise
+        except locations.network_errors() as exc:
+            if not locations.is_url(self.path):
+                raise
+            raise locations.remote_error(str(self.path), exc) from exc
 
     @property
     def complete(self) -> bool:
@@ -251,13 +245,18 @@ class FeatureCache:
         """Global sample range [start, stop) of chunk i (= image shard i)."""
         return _chunk_bounds(i, self.chunk_size, self.n)
 
-    def read_chunk(self, i: int, dtype: type = np.float32) -> dict[str, np.ndarray]:
+    @property
+    def holds_images(self) -> bool:
+        """Whether the cache's chunks carry the images too (webdataset): a reader then needs no image shard."""
+        return self.fmt == "webdataset"
+
+    def read_chunk(self, i: int, dtype: type = np.float32, images: list[bytes] | None = None) -> dict[str, np.ndarray]:
         """Chunk i: features (n_i, K, D), logits (n_i, K, C) as `dtype` (float32 or float16), views (n_i, K, 5)
-        float32, labels (n_i,) int64."""
+        float32, labels (n_i,) int64; `images` (a cache that `holds_images`) receives the samples' PNG bytes."""
         start, stop = _chunk_bounds(i, self.chunk_size, self.n)
         if not self.done[i]:
             raise GenddError(f"{self.path}: chunk {i} is not written yet: {EXTRACT_FIX} to finish the cache")
-        stored = self._store.read(i, start, stop)
+        stored = self._store.read(i, start, stop, images=images)
         for name, array in stored.items():  # checked as stored (bf16 bits, float16): decoding keeps NaN and inf
             if not all_finite(array, bf16_bits=self.meta.codec == "bf16" and name in ("features", "logits")):
                 raise StoreDamage(self.path, name, i, "holds NaN or inf", self._store.chunk_fix(i))

@@ -73,8 +73,12 @@ def read_problem(exc: BaseException) -> str:
     return f"cannot be read ({text})"
 
 
-def _replace_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to a temp file next to `path`, then rename it over `path` (readers never see a partial file)."""
+def _replace_atomically(path: Path | str, data: bytes) -> None:
+    """Write `data` to a temp file next to `path`, then rename it over `path` (readers never see a partial file); in
+    object storage one PUT does the same."""
+    if locations.is_url(path):
+        locations.put_bytes(str(path), data)
+        return
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with naming(path, tmp):
@@ -103,9 +107,11 @@ def _load_npy(data: bytes, headers: dict[bytes, tuple[np.dtype, tuple]]) -> np.n
 
 
 class WdsStore:
-    """A `<split>-features/` directory of feature shards (local, or read-only at a URL); reader and writer."""
+    """A `<split>-features/` directory of feature shards (local, or at a URL: s3://, gs:// writable); its reader
+    and writer."""
 
     fmt = "webdataset"
+    MARKER = META  # written last when a store is created
 
     def __init__(self, path: Path | str, meta: dict):
         self.path = path
@@ -139,8 +145,8 @@ class WdsStore:
 
     @classmethod
     def open(cls, path: Path | str, writable: bool = False) -> WdsStore:
-        """Open an existing store (metadata only; shards are read per chunk); a URL opens read-only."""
-        path = locations.check_local_out(path) if writable else locations.normalize(path)
+        """Open an existing store (metadata only; shards are read per chunk); s3:// and gs:// writable too."""
+        path = locations.check_out(path) if writable else locations.normalize(path)
         try:
             meta = json.loads(locations.read_text(locations.join(path, META)))
         except (OSError, ValueError) as exc:
@@ -222,7 +228,7 @@ class WdsStore:
         """(n_chunks,) bool: chunk i is done when its tar exists (tars only appear whole, via rename)."""
         recorded = self._meta.get("done", ()) if self._meta.get("complete") else ()
         if locations.is_url(self.path) and len(recorded) == self.n_chunks:
-            return np.asarray(recorded, dtype=bool)  # a remote store is read-only: spare one request per tar
+            return np.asarray(recorded, dtype=bool)  # a complete remote store: spare one request per tar
         # Not cached in meta.json locally: deleting a damaged tar and re-running extraction rewrites just that chunk.
         return np.array([locations.is_file(self.shard_path(i)) for i in range(self.n_chunks)], dtype=bool)
 
@@ -253,10 +259,18 @@ class WdsStore:
         _replace_atomically(self.shard_path(i), data)
 
     def read(
-        self, i: int, start: int, stop: int, crc: tuple[int, int] | None = None, *, look_up_crc: bool = True
+        self,
+        i: int,
+        start: int,
+        stop: int,
+        crc: tuple[int, int] | None = None,
+        *,
+        look_up_crc: bool = True,
+        images: list[bytes] | None = None,
     ) -> dict[str, np.ndarray]:
         """Stored (not decoded) per-sample arrays of chunk i, stacked along samples; the tar is checked against `crc`
-        (CRC-32, size), by default its recorded one (looked up for local stores only: one request less per chunk)."""
+        (CRC-32, size), by default its recorded one (looked up for local stores only: one request less per chunk).
+        `images`, when given, receives each sample's PNG bytes from the same tar (no second download)."""
         # tarfile, not webdataset's pipeline: we read one local shard whole and in order, checking every key against
         # meta.json; webdataset's stream/decoder stages (and its torch import) add nothing here.
         keys = self._chunk_keys(start, stop)
@@ -286,8 +300,12 @@ class WdsStore:
                     if ext.endswith(".npy"):
                         member_data = tar.extractfile(member).read()
                         columns.setdefault(ext[:-4], []).append(_load_npy(member_data, headers))
+                    elif ext == "png" and images is not None:
+                        images.append(tar.extractfile(member).read())
         except (OSError, tarfile.TarError, ValueError) as exc:
             raise StoreDamage(self.path, tar_name, i, read_problem(exc), fix) from exc
+        if images is not None and len(images) != len(keys):
+            raise StoreDamage(self.path, tar_name, i, f"holds {len(images)} images for {len(keys)} samples", fix)
         if j != len(keys) - 1 or any(len(c) != len(keys) for c in columns.values()):
             raise StoreDamage(self.path, tar_name, i, f"holds {j + 1} samples, expected {len(keys)}", fix)
         try:
@@ -299,9 +317,11 @@ class WdsStore:
         """Damage visible without reading the tars (local stores): a done chunk's tar missing (a complete store has
         every tar), or a tar whose size differs from its checksum record."""
         found = []
+        listing = locations.object_sizes(str(self.path)) if locations.is_url(self.path) else None
         for i in range(self.n_chunks):
-            tar = Path(self.shard_path(i))
-            if not tar.is_file():
+            tar = Path(str(self.shard_path(i)))
+            size = listing.get(tar.name) if listing is not None else tar.stat().st_size if tar.is_file() else None
+            if size is None:
                 if complete:
                     found.append(f"{tar.name} chunk {i}: missing")
                 continue
@@ -310,24 +330,25 @@ class WdsStore:
             except StoreDamage as exc:
                 found.append(f"{exc.array} chunk {i}: {exc.why}")
                 continue
-            if recorded is not None and tar.stat().st_size != recorded[1]:
-                found.append(f"{tar.name} chunk {i}: {tar.stat().st_size} bytes, its checksum file says {recorded[1]}")
+            if recorded is not None and size != recorded[1]:
+                found.append(f"{tar.name} chunk {i}: {size} bytes, its checksum file says {recorded[1]}")
         return found
 
     def set_complete(self) -> None:
         """Record completion (and the per-chunk done list) in meta.json; done last, after every tar exists."""
         update = {"complete": True, "done": [True] * self.n_chunks}
-        meta = json.loads((self.path / META).read_text()) | update  # keys and labels as stored
-        _replace_atomically(self.path / META, json.dumps(meta).encode())
+        where = locations.join(self.path, META)
+        meta = json.loads(locations.read_text(where)) | update  # keys and labels as stored
+        _replace_atomically(where, json.dumps(meta).encode())
         self._meta |= update
 
     def stored_bytes(self) -> dict[str, int]:
-        """Bytes stored per array (tar member payloads of finished shards) plus meta.json and head.npz; local only."""
-        if locations.is_url(self.path):
-            raise GenddError(f"{self.path}: storage sizes are measured on local caches only: download it first")
-        sizes = {"meta": (self.path / META).stat().st_size, "head": (self.path / HEAD).stat().st_size}
+        """Bytes stored per array (tar member payloads of finished shards) plus meta.json and head.npz (a remote store's
+        tars are read one by one: the member sizes are in their headers only)."""
+        sizes = {name: len(locations.read_bytes(locations.join(self.path, name))) for name in (META, HEAD)}
+        sizes = {"meta": sizes[META], "head": sizes[HEAD]}
         for i in np.flatnonzero(self.done()):
-            with tarfile.open(self.shard_path(int(i)), "r:") as tar:
+            with tarfile.open(fileobj=io.BytesIO(locations.read_bytes(self.shard_path(int(i)))), mode="r:") as tar:
                 for member in tar:
                     name = next((e for e in _EXTENSIONS if member.name.endswith("." + e)), "other").removesuffix(".npy")
                     sizes[name] = sizes.get(name, 0) + member.size

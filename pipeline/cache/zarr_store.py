@@ -18,7 +18,7 @@ import asyncio
 import os
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -104,7 +104,8 @@ class RenamingLocalStore(LocalStore):
 
 
 def _zarr_store(path: Path | str, writable: bool) -> RenamingLocalStore | str:
-    """What zarr opens: a RenamingLocalStore for a local path, the URL itself (read-only, fsspec) otherwise."""
+    """What zarr opens: a RenamingLocalStore for a local path, the URL itself (fsspec) otherwise: an object store
+    writes whole objects (one PUT per chunk), so no reader sees half a chunk."""
     return str(path) if locations.is_url(path) else RenamingLocalStore(Path(path), read_only=not writable)
 
 
@@ -118,9 +119,10 @@ def _quiet_zarr() -> Iterator[None]:
 
 
 class ZarrStore:
-    """A `<split>.zarr` group (local, or read-only at a URL); the reader and writer of that layout."""
+    """A `<split>.zarr` group (local, or at a URL: s3:// and gs:// writable); the reader and writer of that layout."""
 
     fmt = "zarr"
+    MARKER = "zarr.json"  # the group's metadata: written last when a store is created
 
     def __init__(self, path: Path | str, group: zarr.Group, writable: bool = False):
         self.path = path
@@ -139,7 +141,7 @@ class ZarrStore:
     @staticmethod
     def exists(path: Path | str) -> bool:
         """Whether a (created) store is at `path`: the group's zarr.json is its creation marker."""
-        return locations.is_file(locations.join(path, "zarr.json"))
+        return locations.is_file(locations.join(path, ZarrStore.MARKER))
 
     @staticmethod
     def create(path: Path, attrs: dict, chunk_size: int, keys: np.ndarray, labels: np.ndarray, head: dict) -> None:
@@ -169,8 +171,9 @@ class ZarrStore:
 
     @classmethod
     def open(cls, path: Path | str, writable: bool = False) -> ZarrStore:
-        """Open an existing store (a URL read-only); a damaged or unreachable one is a GenddError."""
-        path = locations.check_local_out(path) if writable else locations.normalize(path)
+        """Open an existing store (local, or at a URL: s3:// and gs:// writable); a damaged or unreachable one is a
+        GenddError."""
+        path = locations.check_out(path) if writable else locations.normalize(path)
         mode, options = ("r+" if writable else "r"), locations.storage_options(str(path))
         try:
             # Every chunk gets a file, even all-zero ones, so that a missing file always means a damaged store.
@@ -300,8 +303,10 @@ class ZarrStore:
             self._arrays[name][start : start + len(array)] = array
         self._done[i] = True
 
-    def read(self, i: int, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Stored (not decoded) arrays of chunk i."""
+    def read(self, i: int, start: int, stop: int, images: list[bytes] | None = None) -> dict[str, np.ndarray]:
+        """Stored (not decoded) arrays of chunk i (`images`: None, a Zarr cache holds no images)."""
+        if images is not None:
+            raise GenddError(f"{self.path}: a Zarr cache holds no images: read them from the image shards")
         self._own_process()
         out = {}
         for name, array in self._arrays.items():
@@ -320,13 +325,14 @@ class ZarrStore:
         """Damage visible from file sizes alone (local stores): chunk files missing or too short to hold a checksum for
         done chunks and for the arrays written at creation; done flags unset in a complete store."""
         found = []
+        size = self._size_lookup()
 
         def check(name: str, label: int | str, coords: tuple[int, ...]) -> None:
-            file = Path(self._chunk_file(self._group[name], coords))
-            if not file.is_file():
+            bytes_ = size(self._chunk_file(self._group[name], coords))
+            if bytes_ is None:
                 found.append(f"{name} chunk {label}: chunk file missing")
-            elif file.stat().st_size < 4:  # not even the 4-byte crc32c
-                found.append(f"{name} chunk {label}: chunk file truncated ({file.stat().st_size} bytes)")
+            elif bytes_ < 4:  # not even the 4-byte crc32c
+                found.append(f"{name} chunk {label}: chunk file truncated ({bytes_} bytes)")
 
         for name in self._arrays:
             for i in np.flatnonzero(done):
@@ -336,15 +342,24 @@ class ZarrStore:
                 check(name, label, coords)
         if complete:
             for i in range(self.n_chunks):
-                if not Path(self._chunk_file(self._done, (i,))).is_file():
+                if size(self._chunk_file(self._done, (i,))) is None:
                     found.append(f"done chunk {i}: not set in a complete store")
         return found
 
+    def _size_lookup(self) -> Callable[[Path | str], int | None]:
+        """File (object) path -> its size, None when absent: a stat locally, one listing of an object store."""
+        if not locations.is_url(self.path):
+            return lambda file: Path(file).stat().st_size if Path(file).is_file() else None
+        listing, root = locations.object_sizes(str(self.path)), str(self.path).rstrip("/") + "/"
+        return lambda file: listing.get(str(file).removeprefix(root))
+
     def stored_bytes(self) -> dict[str, int]:
-        """Chunk bytes stored per array (without each array's small zarr.json); local stores only."""
+        """Chunk bytes stored per array (without each array's small zarr.json); local, s3:// or gs:// stores."""
+        names = [*self._arrays, "labels", "keys", "head/weight", "head/bias", "done"]
         if locations.is_url(self.path):
-            raise GenddError(f"{self.path}: storage sizes are measured on local caches only: download it first")
+            listing = locations.object_sizes(str(self.path))
+            return {name: sum(s for key, s in listing.items() if key.startswith(f"{name}/c/")) for name in names}
         sizes = {}
-        for name in [*self._arrays, "labels", "keys", "head/weight", "head/bias", "done"]:
+        for name in names:
             sizes[name] = self._group[name].nbytes_stored() - (self.path / name / "zarr.json").stat().st_size
         return sizes

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import tempfile
 import zipfile
 from collections.abc import Iterable, Iterator
 from itertools import islice
@@ -242,7 +243,9 @@ def prepare_shards(
     rewritten (shards are deterministic, so it comes back byte for byte). `wrote` is True when anything was."""
     if shard_size < 1:
         raise GenddError(f"shard size must be >= 1, got {shard_size}")
-    root = locations.check_local_out(out)
+    if isinstance(location := locations.check_out(out), str):
+        return _prepare_to_object_store(spec, location, shard_size, max_samples)
+    root = location
     signature = {"spec_hash": spec.spec_hash, "shard_size": shard_size, "max_samples": max_samples}
     previous, distrust = _previous_splits(root, signature)
     complete = bool(previous) and set(previous) == set(spec.splits)
@@ -305,3 +308,37 @@ def prepare_shards(
     _write_new(tmp, json.dumps(record, indent=1, default=list).encode())
     os.replace(tmp, root / INDEX)  # written last: an index means every shard is whole
     return load_index(root), True
+
+
+def stage_dir(url: str) -> Path:
+    """The local folder where shards bound for the object-store prefix `url` are written before upload; kept between
+    runs, so a re-run encodes and uploads only what changed (GENDD_STAGE_DIR, else the system's temp folder)."""
+    base = Path(os.environ.get("GENDD_STAGE_DIR") or tempfile.gettempdir()) / "gendd-stage"
+    return base / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def _prepare_to_object_store(
+    spec: DataSpec, url: str, shard_size: int, max_samples: int | None
+) -> tuple[ShardIndex, bool]:
+    """prepare_shards into s3:// or gs://: written locally (stage_dir), then every file uploaded whole, index.json
+    last (a reader never finds an index whose shards are not all there). A file is uploaded again only when its
+    sha256 differs from the one last uploaded or the object is missing or of another size."""
+    locations.probe_writable(url)
+    stage = stage_dir(url)
+    _, wrote = prepare_shards(spec, stage, shard_size, max_samples)
+    record_path = stage / ".uploaded.json"
+    sent = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    remote = locations.object_sizes(url)
+    files = sorted(
+        (p for p in stage.iterdir() if p.is_file() and not p.name.startswith(".")), key=lambda p: p.name == INDEX
+    )
+    uploaded = 0
+    for path in tqdm(files, desc=f"upload {url}", unit="file", leave=False):
+        size, digest = file_digest(path)
+        if sent.get(path.name) == [size, digest] and remote.get(path.name) == size:
+            continue
+        locations.put_file(path, str(locations.join(url, path.name)))
+        sent[path.name], uploaded = [size, digest], uploaded + 1
+        _write_new(record_path.with_suffix(".tmp"), json.dumps(sent).encode())
+        os.replace(record_path.with_suffix(".tmp"), record_path)
+    return load_index(url), wrote or uploaded > 0

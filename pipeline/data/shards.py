@@ -273,6 +273,12 @@ def decode_shard(path: str | Path, keep_png: bool = False) -> tuple[list[str], n
     return keys, np.ascontiguousarray(array), np.asarray(labels, dtype=np.int64), raw if keep_png else None
 
 
+def decode_pngs(pngs: list[bytes]) -> np.ndarray:
+    """Encoded images (as a shard holds them) -> (N, C, H, W) uint8, decoded as decode_shard decodes them."""
+    array = np.stack([np.asarray(Image.open(io.BytesIO(data))) for data in pngs])
+    return np.ascontiguousarray(array[:, None] if array.ndim == 3 else array.transpose(0, 3, 1, 2))
+
+
 def read_shard_labels(path: str | Path) -> tuple[list[str], list[int]]:
     """Keys and labels of a shard without decoding its images (cheap: stores are sized from this)."""
     keys, labels = [], []

@@ -259,11 +259,11 @@ def extract(cfg: ExtractConfig) -> list[dict]:
     """Extract every requested split (resumable, multi-process under `accelerate launch`); marks stores complete."""
     from pipeline.devices import make_accelerator
     from pipeline.locations import check_readable
-    from pipeline.outputs import check_writable
+    from pipeline.outputs import check_out_writable
 
     check_readable(cfg.shards)
     teacher_fingerprint(cfg.teacher)  # a missing or damaged teacher is refused before the output folder is made
-    cfg = replace(cfg, out=check_writable(cfg.out))
+    cfg = replace(cfg, out=check_out_writable(cfg.out))
     # The decode processes start first and serve every split: forked before the teacher and CUDA are loaded, the
     # children are cheaper to fork and hold no CUDA state; one pool saves a second start-up for the val split.
     with _decoder(decode_workers(cfg.workers)) as reader:

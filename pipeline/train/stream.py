@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DataOptions
-from pipeline.data.shards import ShardSet, decode_shard, load_index, shard_count_error
+from pipeline.data.shards import ShardSet, decode_pngs, decode_shard, load_index, shard_count_error
 from pipeline.errors import GenddError
 from pipeline.train.input import EpochPlan, InputInfo, fresh_views, stats_chunks, stream_workers, view_plan
 
@@ -87,8 +87,10 @@ class _Shards:
         from pipeline.data.shards import key_array
 
         location = self.set.path(i)
-        keys, images, labels, _ = decode_shard(location)
         start, count = self.set.starts[i], self.set.counts[i]
+        if self.cache is not None and self.cache.holds_images:
+            return self._read_from_cache(i, plan, start, count)
+        keys, images, labels, _ = decode_shard(location)
         if len(keys) != count:
             raise shard_count_error(self.set, i, len(keys))
         index = np.arange(start, start + count, dtype=np.int64)
@@ -105,11 +107,28 @@ class _Shards:
                 "match the shards; re-run gendd extract with these shards"
             )
         chunk = self.cache.read_chunk(i, dtype=np.float16)
-        rows = np.arange(count)
-        out["views"] = chunk["views"][rows, view]
-        out["teacher_features"] = chunk["features"][rows, view]
-        out["teacher_logits"] = chunk["logits"][rows, view]
-        return out
+        return out | self._targets(chunk, view)
+
+    @staticmethod
+    def _targets(chunk: dict[str, np.ndarray], view: np.ndarray) -> dict[str, np.ndarray]:
+        rows = np.arange(len(view))
+        return {
+            "views": chunk["views"][rows, view],
+            "teacher_features": chunk["features"][rows, view],
+            "teacher_logits": chunk["logits"][rows, view],
+        }
+
+    def _read_from_cache(self, i: int, plan: EpochPlan | None, start: int, count: int) -> dict[str, np.ndarray]:
+        """Shard i from a cache whose tars hold the images too (webdataset): one object per shard, not two (the
+        image shard is not read; its PNG bytes are in the cache tar, so the pixels are the same)."""
+        pngs: list[bytes] = []
+        chunk = self.cache.read_chunk(i, dtype=np.float16, images=pngs)
+        if len(pngs) != count:
+            raise shard_count_error(self.set, i, len(pngs))
+        index = np.arange(start, start + count, dtype=np.int64)
+        view = view_plan(plan.seed, plan.epoch, index, self.cache.K) if plan is not None else np.zeros(count, np.int64)
+        images, labels = decode_pngs(pngs), chunk["labels"].astype(np.int64)
+        return {"images": images, "labels": labels, "index": index, "view": view} | self._targets(chunk, view)
 
 
 class _Buffer:
