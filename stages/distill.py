@@ -44,7 +44,11 @@ LR_HELP = (
 
 def command(
     shards: str = typer.Option(..., help="Image shard directory or URL (gendd prepare --out)."),
-    cache: str | None = typer.Option(None, help="Feature cache directory or URL (gendd extract --out); not for ce."),
+    cache: list[str] | None = typer.Option(
+        None,
+        help="Feature cache directory or URL (gendd extract --out); not for ce. Repeat it to distil from several "
+        "teachers' caches of one view plan (an ensemble: README).",
+    ),
     out: str = typer.Option(..., help="Output directory (local): student.safetensors/.json, head, train.json."),
     work_dir: str | None = typer.Option(
         None, help="Directory for checkpoint.pt and the live training metrics (live/); default: --out."
@@ -168,7 +172,7 @@ def command(
     options = DataOptions(mode=data, workers=workers, shuffle_buffer=shuffle_buffer)
     config = DistillConfig(
         shards=shards,
-        cache=cache,
+        cache=tuple(cache or ()) or None,
         out=out,
         train=train,
         resume=resume,

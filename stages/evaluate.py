@@ -25,7 +25,11 @@ S, D = SamplingConfig, DataOptions
 
 def command(
     shards: str = typer.Option(..., help="Image shard directory or URL."),
-    cache: str | None = typer.Option(None, help="Feature cache (directory or URL): teacher head and its accuracy."),
+    cache: list[str] | None = typer.Option(
+        None,
+        help="Feature cache (directory or URL): teacher head and its accuracy. Repeat it for a student distilled "
+        "from several teachers (the same caches in the same order).",
+    ),
     student_dir: Path = typer.Option(..., help="Student directory to evaluate (gendd distill --out)."),
     out: str = typer.Option(..., help="Directory (local) for metrics.json, details.json and per_class.png."),
     split: str = typer.Option("val", help="Which split of the shards to evaluate on."),
@@ -66,7 +70,7 @@ def command(
     where = "cpu" if use_cpu(device) else (None if device == "auto" else "cuda")
     m = run_evaluation(
         shards,
-        cache,
+        tuple(cache or ()) or None,
         student_dir,
         out,
         sampling,

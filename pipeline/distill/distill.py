@@ -12,6 +12,7 @@ from pathlib import Path
 from accelerate import PartialState
 from safetensors.torch import save_file
 
+from pipeline.cache.ensemble import Caches, cache_list, cache_metas, single
 from pipeline.cache.store import cache_meta
 from pipeline.config import POLICIES, DataOptions, TrainConfig
 from pipeline.data.shards import load_index
@@ -49,7 +50,7 @@ class DistillConfig:
     """Inputs, output directory and training settings of one student x method."""
 
     shards: str | Path  # a local directory or a URL
-    cache: str | Path | None
+    cache: Caches  # one cache, or several teachers' caches of one view plan (an ensemble)
     out: str | Path  # local only (a URL is refused before any work)
     train: TrainConfig
     resume: bool = True
@@ -63,30 +64,34 @@ class DistillConfig:
 def _input_size(cfg: DistillConfig) -> int:
     if cfg.train.input_size:
         return cfg.train.input_size
-    if cfg.cache is not None:
-        return int(cache_meta(cfg.cache, "train").teacher["input_size"])
+    if cfg.cache is not None:  # the first teacher's (each teacher saw the crops at its own size)
+        return int(cache_meta(cache_list(cfg.cache)[0], "train").teacher["input_size"])
     return int(load_index(cfg.shards).spec["image_size"])
 
 
 def _check_cache_views(cfg: DistillConfig) -> None:
-    if cfg.cache is None:
-        return
-    policy = cache_meta(cfg.cache, "train").views.get("policy", {})
-    if policy.get("kind") not in POLICIES:
+    for meta in cache_metas(cfg.cache, "train"):  # several: checked to share one view plan first
+        policy = meta.views.get("policy", {})
+        if policy.get("kind") in POLICIES:
+            continue
         raise GenddError(
             f"cache {cfg.cache} uses view policy {policy.get('kind')!r}, which this gendd cannot replay; "
             "re-run gendd extract with one of " + ", ".join(POLICIES)
         )
 
 
-def provenance(shards: str | Path, cache: str | Path | None) -> dict:
-    """What a student is trained from: the dataset spec, and the teacher checkpoint and feature cache it read."""
-    record = {}
-    if cache is not None:
-        meta = cache_meta(cache, "train")
-        blob = json.dumps(asdict(meta), sort_keys=True).encode()
-        record["teacher checkpoint sha256"] = meta.teacher["checkpoint_sha256"]
-        record["feature cache"] = hashlib.sha256(blob).hexdigest()
+def provenance(shards: str | Path, cache: Caches) -> dict:
+    """What a student is trained from: the dataset spec, and the teacher checkpoint and feature cache it read (for
+    several teachers: lists in the order of the caches, and the teachers' model names)."""
+    record: dict = {}
+    if metas := cache_metas(cache, "train"):
+        sha = [meta.teacher["checkpoint_sha256"] for meta in metas]
+        blobs = [hashlib.sha256(json.dumps(asdict(meta), sort_keys=True).encode()).hexdigest() for meta in metas]
+        if len(metas) == 1:
+            record["teacher checkpoint sha256"], record["feature cache"] = sha[0], blobs[0]
+        else:
+            record["teacher checkpoint sha256"], record["feature cache"] = sha, blobs
+            record["teachers"] = [meta.teacher["name"] for meta in metas]
     index = load_index(shards)
     return record | {"dataset spec": index.spec_hash, "train shards": index.split("train").digest}
 
@@ -117,10 +122,9 @@ def live_logger(live_dir: Path) -> Callable[[list[dict]], None]:
 
 def distill(cfg: DistillConfig) -> dict:
     """Train the student, then write student.safetensors/.json, head.safetensors, load_student.py, train.json."""
-    for location in (cfg.shards, cfg.cache):
-        if location is not None:
-            check_readable(location)
-    cfg = replace(cfg, out=check_writable(cfg.out))
+    for location in (cfg.shards, *cache_list(cfg.cache)):
+        check_readable(location)
+    cfg = replace(cfg, out=check_writable(cfg.out), cache=single(cfg.cache))
     work = check_writable(cfg.work_dir) if cfg.work_dir is not None else cfg.out
     _check_cache_views(cfg)
     size = _input_size(cfg)

@@ -12,7 +12,7 @@ from pipeline.config import HeadSettings, ObjectiveConfig, TrainConfig
 from pipeline.distill.head import GenerativeHead, HeadConfig
 from pipeline.errors import GenddError
 from pipeline.train.input import TrainInput
-from pipeline.train.losses import Loss, ObjectiveInputs, _label_ce, _require, kl_loss
+from pipeline.train.losses import Loss, ObjectiveInputs, _label_ce, _require, kl_loss, teacher_log_probs
 
 
 def contract_targets(features: Tensor, labels: Tensor | None, centres: Tensor | None, lam: float) -> Tensor:
@@ -42,10 +42,14 @@ def feature_mixup(z: Tensor, y: Tensor, beta: float, generator: torch.Generator 
     return m * z + (1 - m) * z[perm], m * y + (1 - m) * y[perm]
 
 
-def soft_anchor_labels(labels: Tensor, teacher_logits: Tensor, alpha: float) -> Tensor:
-    """Soft labels (B, C) of the official ImageNet anchor: alpha * onehot(y) + (1 - alpha) * softmax(teacher logits)."""
-    onehot = F.one_hot(labels, teacher_logits.shape[1]).to(teacher_logits.dtype)
-    return alpha * onehot + (1 - alpha) * teacher_logits.softmax(dim=-1)
+def soft_anchor_labels(labels: Tensor, teacher_logits: Tensor, alpha: float, num_classes: int | None = None) -> Tensor:
+    """Soft labels (B, C) of the official ImageNet anchor: alpha * onehot(y) + (1 - alpha) * softmax(teacher logits)
+    (logits of several teachers side by side, (B, T*C): the mean of their probabilities)."""
+    num_classes = num_classes or teacher_logits.shape[-1]
+    onehot = F.one_hot(labels, num_classes).to(teacher_logits.dtype)
+    if teacher_logits.shape[-1] == num_classes:
+        return alpha * onehot + (1 - alpha) * teacher_logits.softmax(dim=-1)
+    return alpha * onehot + (1 - alpha) * teacher_log_probs(teacher_logits, num_classes).exp()
 
 
 def _generative_loss(
@@ -61,7 +65,8 @@ def _generative_loss(
     z = head.condition(feats)  # (B, D_S)
     if labels is not None and cfg.soft_anchor < 1:
         _require(f"{cfg.method} with soft_anchor {cfg.soft_anchor}", teacher_logits=teacher_logits)
-        labels = soft_anchor_labels(labels, teacher_logits, cfg.soft_anchor)
+        classes = centres.shape[0] if centres is not None else None
+        labels = soft_anchor_labels(labels, teacher_logits, cfg.soft_anchor, classes)
     y = contract_targets(teacher_features, labels, centres, cfg.contraction)  # (B, D_T)
     z, y = feature_mixup(z, y, cfg.mixup_beta, generator)
     return head(y, z, generator=generator)

@@ -7,6 +7,7 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -24,6 +25,9 @@ from pipeline.evaluate.refit import (
 )
 from pipeline.outputs import check_writable, save_figure, write_json
 from pipeline.train.probe import Tally
+
+if TYPE_CHECKING:
+    from pipeline.cache.ensemble import Caches
 
 # What `dvc metrics show` / `dvc exp show` list per run: the accuracies, rounded; the rest is in details.json.
 SHOWN_METRICS = ("probe_top1", "probe_top5", "generative_top1", "generative_top5", "teacher_top1")
@@ -66,9 +70,34 @@ def _plot_per_class(metrics: dict, class_names: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def _teacher_paths(logits: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
+    """The teacher path(s) of a batch's cached logits: one teacher's; for several side by side, the ensemble's (log of
+    the mean probability, as the students are distilled from) as `teacher`, each one's as `teacher1`, `teacher2`..."""
+    from pipeline.train.losses import teacher_log_probs
+
+    if logits.shape[-1] == num_classes:
+        return {"teacher": logits}
+    out = {"teacher": teacher_log_probs(logits.float(), num_classes)}
+    return out | {f"teacher{i + 1}": part for i, part in enumerate(logits.split(num_classes, dim=-1))}
+
+
+def _check_teachers(store: object, card: dict, student_dir: Path) -> None:
+    """Refuse caches of other teachers (or another order) than the student was distilled from."""
+    trained_from = (card["extra"].get("provenance") or {}).get("teacher checkpoint sha256")
+    caches = getattr(store, "caches", [store])
+    used = [c.meta.teacher["checkpoint_sha256"] for c in caches]
+    if trained_from is None or used == (trained_from if isinstance(trained_from, list) else [trained_from]):
+        return
+    was = trained_from if isinstance(trained_from, list) else [trained_from]
+    raise GenddError(
+        f"{store.path} was made by teacher(s) {', '.join(s[:16] for s in used)}, but {student_dir} was distilled from "
+        f"{', '.join(s[:16] for s in was)}: evaluate with the cache(s) the student was distilled from, in that order"
+    )
+
+
 def run_evaluation(
     shards: str | Path,
-    cache: str | Path | None,
+    cache: Caches,
     student_dir: Path,
     out: str | Path,
     sampling: SamplingConfig | None,
@@ -83,17 +112,16 @@ def run_evaluation(
     """Evaluate an exported student on a split: both paths, the teacher's own accuracy, per-class; write JSON + plot.
     With `refit`, also a linear probe fitted on the frozen features of the first `refit_samples` train samples
     (`refit_top1`; on the head's condition: `refit_z_top1`), scored in the same pass over the split."""
-    from pipeline.cache.store import open_cache
+    from pipeline.cache.ensemble import cache_list, open_caches, readout, single
     from pipeline.data.shards import load_index
     from pipeline.distill.student import load_student
     from pipeline.locations import check_readable
 
     require(batch_size >= 1, "batch_size", ">= 1", batch_size)
     require(refit_samples >= 1, "refit_samples", ">= 1", refit_samples)
-    for location in (shards, cache):
-        if location is not None:
-            check_readable(location)
-    out = check_writable(out)
+    for location in (shards, *cache_list(cache)):
+        check_readable(location)
+    out, cache = check_writable(out), single(cache)
     index = load_index(shards)
     if not index.labeled:
         raise GenddError(f"{shards} has no labels: accuracy needs a labelled {split} split")
@@ -103,15 +131,11 @@ def run_evaluation(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     teacher_head, metrics = None, {"method": card["extra"]["method"], "student": card["name"]}
     if cache is not None:
-        store = open_cache(cache, split, spec_hash=index.spec_hash)
-        trained_from = (card["extra"].get("provenance") or {}).get("teacher checkpoint sha256")
-        used = store.meta.teacher["checkpoint_sha256"]
-        if trained_from is not None and used != trained_from:  # the generative path would sample another teacher
-            raise GenddError(
-                f"{store.path} was made by teacher {used[:16]}, but {student_dir} was distilled from teacher "
-                f"{trained_from[:16]}: evaluate with the cache the student was distilled from"
-            )
-        teacher_head = (torch.from_numpy(store.head_weight).float(), torch.from_numpy(store.head_bias).float())
+        store = open_caches(cache, split, spec_hash=index.spec_hash)
+        _check_teachers(store, card, student_dir)  # the generative path would sample another teacher
+        teacher_head = tuple(torch.from_numpy(a).float() for a in readout(store))
+        if len(caches := getattr(store, "caches", [])) > 1:
+            metrics["teachers"] = [c.meta.teacher["name"] for c in caches]
     use_sampling = sampling if student.head is not None and teacher_head is not None else None
     student = student.to(dev).eval()
     probes, refit_details, scoring_seconds = {}, {}, 0.0
@@ -132,7 +156,8 @@ def run_evaluation(
             "refit_C": REFIT_C,
         }
     n, batches = eval_batches(shards, cache, split, batch_size, data or DataOptions(), dev)
-    tallies = {name: Tally(card["num_classes"]) for name in ("probe", "generative", "teacher")}
+    teacher_names = ["teacher", *(f"teacher{i + 1}" for i in range(len(metrics.get("teachers", []))))]
+    tallies = {name: Tally(card["num_classes"]) for name in ("probe", "generative", *teacher_names)}
     tallies |= {REFIT_PATHS[name]: Tally(card["num_classes"]) for name in probes}
     student = student.to(dev).eval()
     generator = torch.Generator(dev).manual_seed(use_sampling.seed) if use_sampling else None
@@ -159,7 +184,7 @@ def run_evaluation(
                 logits.pop("condition", None)  # a head's condition, when only the raw features were refit
                 scoring_seconds += time.perf_counter() - scoring
             if "teacher_logits" in batch:
-                logits["teacher"] = batch["teacher_logits"]
+                logits |= _teacher_paths(batch["teacher_logits"], card["num_classes"])
             for name, values in logits.items():
                 tallies[name].add(values, batch["labels"])
             bar.update(len(images))
@@ -167,7 +192,7 @@ def run_evaluation(
     for name, tally in tallies.items():
         if tally.n:
             summary = tally.summary(name)
-            if name not in ("probe", "generative"):  # teacher, refit: scalars only (the plot is the student's paths)
+            if name not in ("probe", "generative"):  # teacher(s), refit: scalars only (the plot is the student's paths)
                 summary.pop(f"{name}_per_class")
             metrics.update(summary)
     if "generative_top1" in metrics:

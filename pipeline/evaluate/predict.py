@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -12,6 +13,9 @@ from torch import nn
 from pipeline.config import DataOptions, SamplingConfig
 from pipeline.errors import GenddError
 from pipeline.train.probe import identity_features
+
+if TYPE_CHECKING:
+    from pipeline.cache.ensemble import Caches
 
 
 @torch.no_grad()
@@ -81,7 +85,7 @@ def predict(
 
 def eval_batches(
     shards: str | Path,
-    cache: str | Path | None,
+    cache: Caches,
     split: str,
     batch_size: int,
     options: DataOptions,
@@ -89,7 +93,7 @@ def eval_batches(
 ) -> tuple[int, Iterator[dict[str, torch.Tensor]]]:
     """(samples, batches) of a split for evaluation: images, labels and (with a cache) the teacher's view-0 logits,
     held in memory or streamed (`options.mode`; auto: estimated and printed)."""
-    from pipeline.cache.store import open_cache
+    from pipeline.cache.ensemble import open_caches, teacher_count
     from pipeline.data.shards import key_array, load_index, load_split
     from pipeline.train.input import choose_mode, footprint
     from pipeline.train.stream import stream_eval_batches
@@ -97,8 +101,8 @@ def eval_batches(
     index = load_index(shards)
     store = None
     if cache is not None:
-        store = open_cache(cache, split, spec_hash=index.spec_hash, shards=index.split(split))
-    sizes = footprint(index, split, 1, 0, store.num_classes if store else 0)
+        store = open_caches(cache, split, spec_hash=index.spec_hash, shards=index.split(split))
+    sizes = footprint(index, split, 1, 0, store.num_classes * teacher_count(store) if store else 0)
     mode, line = choose_mode(options.mode, sizes, device, split)
     print(line, flush=True)
     if mode == "stream":
@@ -108,7 +112,7 @@ def eval_batches(
     logits = None
     if store is not None:
         if not np.array_equal(store.keys, key_array(data.keys)):
-            raise GenddError(f"cache {cache} was extracted from other samples than {shards}; re-run gendd extract")
+            raise GenddError(f"cache {store.path} was extracted from other samples than {shards}; re-run gendd extract")
         logits = torch.cat(
             [torch.from_numpy(store.read_chunk(i, dtype=np.float16)["logits"][:, 0]) for i in range(store.n_chunks)]
         )

@@ -47,19 +47,35 @@ def collect(evals: Path, students: Path) -> list[dict]:
     return rows
 
 
+def _teachers(row: dict) -> str:
+    """A run's teachers: their model names joined by '+' for a student of several caches, '-' for one teacher."""
+    return "+".join(row.get("teachers", [])) or "-"
+
+
 def markdown_table(rows: list[dict], cache_info: dict | None) -> str:
-    """The comparison table: teacher, then each student x method with both paths, its delta over KD and cost."""
-    kd = {r["student"]: r["probe_top1"] for r in rows if r["method"] == BASELINE}
-    teacher = next((r["teacher_top1"] for r in rows if "teacher_top1" in r), None)
+    """The comparison table: teacher, then each student x method with both paths, its delta over KD (of the same
+    student and teachers) and cost; with students of several teachers, a column names each run's teachers."""
+    several = any("teachers" in r for r in rows)
+    kd = {(r["student"], _teachers(r)): r["probe_top1"] for r in rows if r["method"] == BASELINE}
+    teacher = next((r["teacher_top1"] for r in rows if "teacher_top1" in r and "teachers" not in r), None)
     lines = [
         "| student | method | probe top-1 | generative top-1 | vs KD | top-5 (probe) | train s |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
         f"| teacher | - | {_fmt(teacher)} | - | - | - | - |",
     ]
-    for r in sorted(rows, key=lambda r: (r["student"], r["method"])):
-        delta = r["probe_top1"] - kd[r["student"]] if r["student"] in kd else None
+    if several:  # a teachers column after the method, and the ensembles' own (mean-probability) top-1 as rows
+        lines = [line.replace(" | probe top-1", " | teachers | probe top-1", 1) for line in lines[:1]]
+        lines += ["| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        ensembles = {_teachers(r): r["teacher_top1"] for r in rows if "teachers" in r and "teacher_top1" in r}
+        for name, top1 in [("-", teacher), *sorted(ensembles.items())]:
+            lines.append(f"| teacher | - | {name} | {_fmt(top1)} | - | - | - | - |")
+    for r in sorted(rows, key=lambda r: (r["student"], _teachers(r), r["method"])):
+        base = kd.get((r["student"], _teachers(r)))
+        delta = None if base is None else r["probe_top1"] - base
+        teachers = f"{_teachers(r)} | " if several else ""
         lines.append(
-            f"| {r['student']} | {r['method']} | {_fmt(r['probe_top1'])} | {_fmt(r.get('generative_top1'))} | "
+            f"| {r['student']} | {r['method']} | {teachers}{_fmt(r['probe_top1'])} | "
+            f"{_fmt(r.get('generative_top1'))} | "
             f"{'-' if delta is None else f'{delta:+.2f}'} | {_fmt(r.get('probe_top5'))} | "
             f"{_fmt(r.get('train_seconds'), 1)} |"
         )

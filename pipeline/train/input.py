@@ -52,6 +52,8 @@ class InputInfo:
     feature_dim: int | None = None
     head_weight: torch.Tensor | None = None  # (C, D_T): class centres of Distribution Contraction
     head_bias: torch.Tensor | None = None
+    teachers: int = 1  # teachers whose outputs the cached targets hold side by side (pipeline/cache/ensemble.py)
+    teacher_dims: tuple[int, ...] = ()  # each teacher's feature size, in the order of the targets
 
     @property
     def labeled(self) -> bool:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from time import monotonic
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -36,22 +37,25 @@ from pipeline.train.losses import method_module
 from pipeline.train.memory import MemoryInput, TrainData, memory_input
 from pipeline.train.student import Student, batch_targets, build_student, check_data_serves, param_groups
 
+if TYPE_CHECKING:
+    from pipeline.cache.ensemble import Caches
+
 
 def open_train_input(
-    shards: str | Path, cache: str | Path | None, options: DataOptions, device: torch.device, split: str = "train"
+    shards: str | Path, cache: Caches, options: DataOptions, device: torch.device, split: str = "train"
 ) -> TrainInput:
     """The training input of a split in the requested mode (`auto`: estimated, printed and chosen)."""
     from accelerate import PartialState
 
-    from pipeline.cache.store import cache_meta
+    from pipeline.cache.ensemble import cache_metas
     from pipeline.train.stream import StreamInput
 
     index = load_index(shards)
     k = d = 0
     c = int(index.spec["num_classes"])
-    if cache is not None:
-        meta = cache_meta(cache, split)  # sizes only: the chosen input opens and checks the cache whole
-        k, d, c = int(meta.views["K"]), int(meta.teacher["feature_dim"]), int(meta.teacher["num_classes"])
+    if metas := cache_metas(cache, split):  # sizes only: the chosen input opens and checks the cache(s) whole
+        k, c = int(metas[0].views["K"]), int(metas[0].teacher["num_classes"]) * len(metas)
+        d = sum(int(meta.teacher["feature_dim"]) for meta in metas)
     mode, line = choose_mode(options.mode, footprint(index, split, k, d, c), device, split)
     if PartialState().is_main_process:
         print(line, flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -15,11 +16,23 @@ from pipeline.config import METHOD_SPECS, ObjectiveConfig
 from pipeline.errors import GenddError
 
 
+def teacher_log_probs(teacher_logits: Tensor, num_classes: int, tau: float = 1.0) -> Tensor:
+    """log softmax(t / tau) (B, C) of one teacher's logits, or of T teachers' logits side by side (B, T*C, as a
+    TeacherEnsemble serves them): the log of the mean of their probabilities, each teacher at temperature tau."""
+    width = teacher_logits.shape[-1]
+    if width == num_classes:
+        return F.log_softmax(teacher_logits / tau, dim=-1)
+    if width % num_classes:
+        raise GenddError(f"teacher logits have {width} values per sample, not a multiple of the {num_classes} classes")
+    log_p = F.log_softmax(teacher_logits.unflatten(-1, (width // num_classes, num_classes)) / tau, dim=-1)
+    return torch.logsumexp(log_p, dim=-2) - math.log(width // num_classes)
+
+
 def _softened_kl(student_logits: Tensor, teacher_logits: Tensor, tau: float) -> Tensor:
     # KL(softmax(t / tau) || softmax(s / tau)) per sample, averaged over the batch; tau^2 keeps the gradient
-    # scale independent of tau (Hinton et al.).
+    # scale independent of tau (Hinton et al.). Several teachers: their mean probability is the target.
     log_p_s = F.log_softmax(student_logits / tau, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits / tau, dim=-1)
+    log_p_t = teacher_log_probs(teacher_logits, student_logits.shape[-1], tau)
     return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * tau**2
 
 

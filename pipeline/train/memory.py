@@ -7,6 +7,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,6 +15,9 @@ import torch
 from pipeline.data.shards import load_index, load_split
 from pipeline.errors import GenddError
 from pipeline.train.input import DEVICE_TARGET_SHARE, EpochPlan, InputInfo, fresh_views, stats_chunks, view_plan
+
+if TYPE_CHECKING:
+    from pipeline.cache.ensemble import Caches
 
 
 @dataclass
@@ -31,6 +35,8 @@ class TrainData:
     head_bias: torch.Tensor | None = None
     keys: list[str] = field(default_factory=list)
     num_classes: int | None = None  # default: the head's rows, else the largest label + 1
+    teachers: int = 1  # several caches: features and logits of every teacher side by side
+    teacher_dims: tuple[int, ...] = ()
 
 
 def targets_to(data: TrainData, device: torch.device) -> TrainData:
@@ -74,6 +80,8 @@ class MemoryInput:
             feature_dim=None if data.features is None else data.features.shape[-1],
             head_weight=data.head_weight,
             head_bias=data.head_bias,
+            teachers=data.teachers,
+            teacher_dims=data.teacher_dims,
         )
 
     def place(self, device: torch.device) -> None:
@@ -122,9 +130,9 @@ class MemoryInput:
             yield features[rows], labels[rows]
 
 
-def load_train_data(shards: str | Path, cache: str | Path | None, split: str = "train") -> TrainData:
-    """Shards of a split held in memory, joined with the feature cache (float16) when one is given."""
-    from pipeline.cache.store import open_cache
+def load_train_data(shards: str | Path, cache: Caches, split: str = "train") -> TrainData:
+    """Shards of a split held in memory, joined with the feature cache(s) (float16) when given."""
+    from pipeline.cache.ensemble import open_caches, teacher_count
     from pipeline.data.shards import key_array
 
     index = load_index(shards)
@@ -134,12 +142,13 @@ def load_train_data(shards: str | Path, cache: str | Path | None, split: str = "
     out.num_classes = int(spec["num_classes"])
     if cache is None:
         return out
-    store = open_cache(cache, split, spec_hash=index.spec_hash, shards=index.split(split))
+    store = open_caches(cache, split, spec_hash=index.spec_hash, shards=index.split(split))
     if not np.array_equal(store.keys, key_array(data.keys)):
-        raise GenddError(f"cache {cache} was extracted from other samples than {shards}; re-run gendd extract")
+        raise GenddError(f"cache {store.path} was extracted from other samples than {shards}; re-run gendd extract")
     k, n = store.K, store.n
+    out.teachers, out.teacher_dims = teacher_count(store), getattr(store, "teacher_dims", (store.feature_dim,))
     out.features = torch.empty((n, k, store.feature_dim), dtype=torch.float16)
-    out.logits = torch.empty((n, k, store.num_classes), dtype=torch.float16)
+    out.logits = torch.empty((n, k, store.num_classes * out.teachers), dtype=torch.float16)
     out.views = torch.empty((n, k, 5), dtype=torch.float32)
     for i in range(store.n_chunks):  # chunk by chunk into preallocated float16: no float32 copy of the split
         start, stop = store.chunk_bounds(i)
@@ -152,6 +161,6 @@ def load_train_data(shards: str | Path, cache: str | Path | None, split: str = "
     return out
 
 
-def memory_input(shards: str | Path, cache: str | Path | None, split: str = "train") -> MemoryInput:
+def memory_input(shards: str | Path, cache: Caches, split: str = "train") -> MemoryInput:
     """The memory mode of a split (chunked like its shards, so target statistics match the stream mode)."""
     return MemoryInput(load_train_data(shards, cache, split), load_index(shards).shard_size)

@@ -24,6 +24,7 @@ import multiprocessing
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ from pipeline.config import DataOptions
 from pipeline.data.shards import ShardSet, decode_pngs, decode_shard, load_index, shard_count_error
 from pipeline.errors import GenddError
 from pipeline.train.input import EpochPlan, InputInfo, fresh_views, stats_chunks, stream_workers, view_plan
+
+if TYPE_CHECKING:
+    from pipeline.cache.ensemble import Caches
 
 _ERROR = "error"  # a worker's GenddError travels to the main process as a batch with this key
 
@@ -280,9 +284,9 @@ class _Loader:
             raise GenddError(f"a data loader worker died ({str(err).splitlines()[0]}); try fewer --workers") from err
 
 
-def _open_source(shards: str | Path, cache: str | Path | None, split: str) -> tuple[_Shards, InputInfo]:
-    """Shards and cache of a split, checked to be aligned chunk for shard, and what they describe."""
-    from pipeline.cache.store import open_cache
+def _open_source(shards: str | Path, cache: Caches, split: str) -> tuple[_Shards, InputInfo]:
+    """Shards and cache(s) of a split, checked to be aligned chunk for shard, and what they describe."""
+    from pipeline.cache.ensemble import open_caches, teacher_count
 
     index = load_index(shards)
     shard_set = index.split(split)
@@ -299,7 +303,7 @@ def _open_source(shards: str | Path, cache: str | Path | None, split: str) -> tu
     )
     store = None
     if cache is not None:
-        store = open_cache(cache, split, spec_hash=index.spec_hash, shards=shard_set)
+        store = open_caches(cache, split, spec_hash=index.spec_hash, shards=shard_set)
         aligned = store.n == shard_set.n and all(
             store.chunk_bounds(i) == (s, s + c)
             for i, (s, c) in enumerate(zip(shard_set.starts, shard_set.counts, strict=True))
@@ -312,6 +316,7 @@ def _open_source(shards: str | Path, cache: str | Path | None, split: str) -> tu
         info.num_views, info.feature_dim, info.num_classes = store.K, store.feature_dim, store.num_classes
         info.head_weight = torch.from_numpy(np.asarray(store.head_weight, np.float32))
         info.head_bias = torch.from_numpy(np.asarray(store.head_bias, np.float32))
+        info.teachers, info.teacher_dims = teacher_count(store), getattr(store, "teacher_dims", (store.feature_dim,))
     return _Shards(shard_set, store, info.image_size), info
 
 
@@ -320,7 +325,7 @@ class StreamInput:
 
     mode = "stream"
 
-    def __init__(self, shards: str | Path, cache: str | Path | None, split: str, options: DataOptions) -> None:
+    def __init__(self, shards: str | Path, cache: Caches, split: str, options: DataOptions) -> None:
         self.source, self.info = _open_source(shards, cache, split)
         self.workers = stream_workers(options.workers)
         self.shuffle_buffer = options.shuffle_buffer
@@ -370,9 +375,7 @@ class EvalStream:
     """Every sample of a split once through the identity view, shard by shard, each time it is iterated (its
     workers start when it is made and serve every pass: per-epoch validation makes one before training)."""
 
-    def __init__(
-        self, shards: str | Path, cache: str | Path | None, split: str, batch_size: int, workers: int, pin: bool
-    ) -> None:
+    def __init__(self, shards: str | Path, cache: Caches, split: str, batch_size: int, workers: int, pin: bool) -> None:
         source, self.info = _open_source(shards, cache, split)
         workers = stream_workers(workers)
         self._loader = _Loader(_OrderedShards(source, batch_size, workers), workers, pin)
@@ -382,7 +385,7 @@ class EvalStream:
 
 
 def stream_eval_batches(
-    shards: str | Path, cache: str | Path | None, split: str, batch_size: int, workers: int, pin: bool = False
+    shards: str | Path, cache: Caches, split: str, batch_size: int, workers: int, pin: bool = False
 ) -> tuple[InputInfo, EvalStream]:
     """(what the split holds, its batches with the teacher's view-0 logits when a cache is given)."""
     stream = EvalStream(shards, cache, split, batch_size, workers, pin)

@@ -87,6 +87,13 @@ def check_data_serves(cfg: TrainConfig, info: InputInfo) -> None:
         raise GenddError(f"method {method} needs labels but the data has none; use {label_free}")
     if spec.uses_cache and info.feature_dim is None:
         raise GenddError(f"method {method} needs the teacher feature cache: pass --cache (run gendd extract)")
+    if info.teachers > 1 and cfg.warmstart_epochs:
+        raise GenddError("a warm start maps into one teacher's head: set --warmstart-epochs 0 with several caches")
+    if info.teachers > 1 and spec.uses_head and (odd := [d for d in info.teacher_dims if d % cfg.head.token_dim]):
+        raise GenddError(
+            f"token_dim {cfg.head.token_dim} does not divide teacher feature size {odd[0]} (sizes "
+            f"{', '.join(map(str, info.teacher_dims))}): a token must not span two teachers; pick a common divisor"
+        )
     if cfg.objective.logit_adjust and not spec.supervised:
         raise GenddError(f"logit_adjust shifts the label cross-entropy, which {method} has none of; set it to 0")
 
