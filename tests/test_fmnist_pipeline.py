@@ -21,7 +21,8 @@ from .conftest import ROOT
 from .test_pipeline_dvc import _run
 
 BENCH = ROOT / "benchmarks" / "fmnist"
-STAGE_BLOCKS = ("prepare", "teacher", "extract", "distill", "evaluate")
+STAGE_BLOCKS = {"prepare": "prepare", "teacher": "teacher", "teacher-b": "teacher", "extract": "extract"}
+STAGE_BLOCKS |= {"distill": "distill", "evaluate": "evaluate"}  # params block -> the stage it feeds
 
 
 def _table_module():
@@ -43,8 +44,8 @@ def _options(stage: str) -> set[str]:
 def test_every_param_is_an_option_of_its_stage(params_file: Path) -> None:
     """A misspelt key would fail only after an hour of teacher training and extraction."""
     params = yaml.safe_load(params_file.read_text())
-    for block in STAGE_BLOCKS:
-        unknown = set(params.get(block) or {}) - _options(block)
+    for block, stage in STAGE_BLOCKS.items():
+        unknown = set(params.get(block) or {}) - _options(stage)
         assert not unknown, f"{params_file.name}: {block} has no option(s) {sorted(unknown)}"
     methods = params["methods"]
     names = [m for ms in methods.values() for m in ms] if isinstance(methods, dict) else methods
@@ -56,10 +57,14 @@ def test_every_spec_and_part_is_wired() -> None:
     stages = yaml.safe_load((BENCH / "dvc.yaml").read_text())["stages"]
     for spec in stages["prepare"]["foreach"]:
         assert (ROOT / "data_specs" / f"{spec}.yaml").is_file()
-    parts = yaml.safe_load((BENCH / "params.yaml").read_text())["methods"]
-    assert set(stages["table"]["foreach"]) == set(parts)
+    params = yaml.safe_load((BENCH / "params.yaml").read_text())
+    parts = set(params["methods"]) - {"ensemble"}
+    assert set(stages["table"]["foreach"]) == parts
     for part in parts:
         assert f"distill-{part}" in stages and f"evaluate-{part}" in stages
+    for folder in params["ensemble-sets"]:  # the ensemble part: one distill and evaluate block per teacher set
+        assert f"distill-ensemble-{folder}" in stages and f"evaluate-ensemble-{folder}" in stages
+    assert "table-ensemble" in stages
 
 
 def _details(probe: float, generative: float | None = None, per_class: list[float] | None = None) -> dict:
@@ -138,9 +143,9 @@ def test_shot_groups() -> None:
     assert groups == {"many": 85.0, "medium": 60.0, "few": 40.0}
 
 
-@pytest.mark.slow
-def test_repro_of_a_part_writes_its_table(tmp_path: Path) -> None:
-    """`dvc repro table@balanced` in a copy of the project, the digits standing in for every Fashion-MNIST spec."""
+def _project(tmp_path: Path) -> tuple[Path, dict]:
+    """A copy of the project in a fresh git + DVC repo, the digits standing in for every Fashion-MNIST spec, with
+    tiny params (written back by the caller)."""
     if shutil.which("git") is None:
         pytest.skip("git is needed for DVC")
     root = tmp_path / "project"
@@ -153,8 +158,7 @@ def test_repro_of_a_part_writes_its_table(tmp_path: Path) -> None:
     digits = yaml.safe_load((ROOT / "data_specs" / "digits.yaml").read_text())
     for spec in yaml.safe_load((BENCH / "dvc.yaml").read_text())["stages"]["prepare"]["foreach"]:
         (root / "data_specs" / f"{spec}.yaml").write_text(yaml.safe_dump({**digits, "name": spec}))
-    params_path = root / "benchmarks" / "fmnist" / "params.yaml"
-    params = yaml.safe_load(params_path.read_text())
+    params = yaml.safe_load((root / "benchmarks" / "fmnist" / "params.yaml").read_text())
     params |= {
         "profile": "test",
         "source-data": "../../data_specs/digits.yaml",
@@ -167,10 +171,17 @@ def test_repro_of_a_part_writes_its_table(tmp_path: Path) -> None:
     params["extract"] |= {"views": 2}
     params["distill"] |= {"epochs": 1, "batch-size": 64, "token-dim": 16, "head-width": 32, "head-depth": 1}
     params["evaluate"] |= {"steps": 2, "n-samples": 1}
-    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     _run(root, "git", "init", "-q")
     _run(root, sys.executable, "-m", "dvc", "init", "-q")
     shutil.copy(ROOT / ".dvc" / "config", root / ".dvc" / "config")  # parsing.bool: --no-flag for false
+    return root, params
+
+
+@pytest.mark.slow
+def test_repro_of_a_part_writes_its_table(tmp_path: Path) -> None:
+    """`dvc repro table@balanced` in a copy of the project, the digits standing in for every Fashion-MNIST spec."""
+    root, params = _project(tmp_path)
+    (root / "benchmarks" / "fmnist" / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(root / "benchmarks" / "fmnist", sys.executable, "-m", "dvc", "repro", "table@balanced")
     result = json.loads((root / "benchmarks" / "results" / "accuracy_fmnist_test_balanced.json").read_text())
     assert [(r["method"], r["seed"]) for r in result["rows"]] == [("kd", 0), ("gendd", 0)]
@@ -185,3 +196,19 @@ def test_repro_of_a_part_writes_its_table(tmp_path: Path) -> None:
         text=True,
     )
     assert "up to date" in status.stdout, status.stdout
+
+
+@pytest.mark.slow
+def test_repro_of_the_ensemble_part_writes_its_table(tmp_path: Path) -> None:
+    """`dvc repro table-ensemble`: a second teacher of another feature size, students of a, b and a+b, the table."""
+    root, params = _project(tmp_path)
+    params["teacher-b"] = {**params["teacher"], "model": "test_efficientnet"}  # feature size 256; test_resnet's 96
+    params["methods"]["ensemble"] = ["kd", "gendd"]
+    (root / "benchmarks" / "fmnist" / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(root / "benchmarks" / "fmnist", sys.executable, "-m", "dvc", "repro", "table-ensemble")
+    result = json.loads((root / "benchmarks" / "results" / "accuracy_fmnist_test_ensemble.json").read_text())
+    teachers = ["test_resnet", "test_efficientnet", "test_resnet+test_efficientnet"]
+    assert [(r["teachers"], r["method"]) for r in result["rows"]] == [(t, m) for t in teachers for m in ("kd", "gendd")]
+    assert result["rows"][-1]["teachers"] == "test_resnet+test_efficientnet"
+    assert [c["D"] for c in result["costs"]] == [96, 256] and all(c["extract_s"] > 0 for c in result["costs"])
+    assert any(k.startswith("test_resnet gendd: ensemble - best single") for k in result["summary"])

@@ -114,8 +114,11 @@ def main() -> None:
     parser.add_argument("--shards", type=Path, required=True, help="the part's shards (class counts)")
     parser.add_argument("--out", required=True, help="path stem of the .md and .json written")
     parser.add_argument("--params", type=Path, default=HERE / "params.yaml")
+    parser.add_argument("--teachers", type=Path, nargs="*", default=[], help="ensemble: teacher dirs, costs measured")
     args = parser.parse_args()
     params = yaml.safe_load(args.params.read_text())
+    if args.part == "ensemble":
+        return write_ensemble(args, params)
     rows = read_rows(args.part, args.evals, params)
     counts = class_counts(args.shards)
     if min(counts) * 10 <= max(counts):  # long-tailed training data: per-shot groups of the probe's classes
@@ -135,6 +138,37 @@ def main() -> None:
     out.with_suffix(".md").write_text(md)
     slim = [{k: v for k, v in r.items() if not k.endswith("_per_class")} for r in rows]
     doc = {"date": date, "machine": machine, "profile": params["profile"], "params": params, "rows": slim}
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+    print(md, flush=True)
+
+
+def write_ensemble(args: argparse.Namespace, params: dict) -> None:
+    """The ensemble part: its rows, the seed means against each teacher set, the second teacher's costs."""
+    import ensemble
+
+    rows = ensemble.read_rows(args.evals, params)
+    means, verdicts = ensemble.summary(rows, params)
+    cost_md, cost_rows = ensemble.costs(args.shards, args.teachers, params["extract"])
+    blocks = ("prepare", "teacher", "teacher-b", "extract", "distill", "evaluate")
+    profile = {k: params[k] for k in blocks}
+    date = datetime.date.today().isoformat()
+    md = (
+        f"# Fashion-MNIST accuracy, ensemble ({params['profile']} profile)\n\n"
+        f"{date}, {machine_name()}. Seeds: {params['seeds']}. Command: `cd benchmarks/fmnist && dvc repro "
+        f"table-ensemble` (benchmarks/fmnist/params.yaml). Options of every stage: `{json.dumps(profile)}`; the rest "
+        "are the commands' defaults. Teacher top-1 of a+b: the mean of the two teachers' probabilities.\n\n"
+        + ensemble.markdown(rows)
+        + "\nMean over seeds:\n\n"
+        + means
+        + "\nCost of each teacher's cache (the training split, extracted here one after the other):\n\n"
+        + cost_md
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(md)
+    slim = [{k: v for k, v in r.items() if not k.endswith("_per_class")} for r in rows]
+    doc = {"date": date, "machine": machine_name(), "profile": params["profile"], "params": params, "rows": slim}
+    doc |= {"summary": verdicts, "costs": cost_rows}
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
     print(md, flush=True)
 
