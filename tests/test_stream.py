@@ -311,3 +311,24 @@ def test_footprint_counts_images_and_float16_targets(digits_shards: ShardIndex) 
     n = digits_shards.split("train").n
     sizes = footprint(digits_shards, "train", 4, 512, 10)
     assert sizes == {"images": n * 8 * 8, "features": n * 4 * 512 * 2, "logits": n * 4 * 10 * 2, "views": n * 4 * 20}
+
+
+def test_two_teachers_caches_stream_and_load_side_by_side(cached: tuple[ShardIndex, Path], tmp_path: Path) -> None:
+    """A Zarr and a WebDataset cache of two teachers with one view plan: both modes serve every teacher's outputs of
+    the very (sample, view) the row holds, side by side (features (B, 2D), logits (B, 2C))."""
+    shards, cache = cached
+    other = build_cache(shards, tmp_path / "other", fmt="webdataset", teacher_sha="b" * 64)
+    c = int(shards.spec["num_classes"])
+    plan = EpochPlan(3, 1, 16)
+    for source in (
+        memory_input(shards.root, [cache, other]),
+        StreamInput(shards.root, [cache, other], "train", DataOptions(mode="stream")),
+    ):
+        assert (source.info.teachers, source.info.teacher_dims, source.info.feature_dim) == (2, (D, D), 2 * D)
+        batches = list(source.batches(plan))
+        for batch in batches:
+            tag = batch["index"] * K + batch["view"]
+            assert batch["teacher_features"].shape[1] == 2 * D and batch["teacher_logits"].shape[1] == 2 * c
+            assert torch.equal(batch["teacher_features"][:, 0].long(), tag)
+            assert torch.equal(batch["teacher_features"][:, D].long(), tag)
+        assert sum(len(b["index"]) for b in batches) == source.info.n
