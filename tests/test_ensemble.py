@@ -156,3 +156,19 @@ def test_token_dim_must_not_span_two_teachers(two: dict[str, Path]) -> None:
     args = ["distill", "--shards", str(two["shards"]), "--cache", str(two["cache_a"]), "--cache", str(two["cache_b"])]
     line = refusal(*args, "--out", str(two["shards"].parent / "odd"), "--method", "gendd", "--token-dim", "64")
     assert "does not divide teacher feature size 96" in line
+
+
+def test_report_labels_runs_by_their_teachers() -> None:
+    from pipeline.evaluate.report import markdown_table
+
+    base = {"student": "s", "probe_top5": 99.0, "train_seconds": 1.0}
+    single = [{**base, "method": "kd", "probe_top1": 90.0, "teacher_top1": 91.0}]
+    single.append({**base, "method": "gendd", "probe_top1": 89.0, "teacher_top1": 91.0, "generative_top1": 88.0})
+    table = markdown_table(single, None)
+    assert "teachers" not in table and "| s | gendd | 89.00 | 88.00 | -1.00 |" in table  # one teacher: as before
+    both = [{**r, "teachers": ["a", "b"], "teacher_top1": 93.0, "probe_top1": r["probe_top1"] + 2} for r in single]
+    table = markdown_table(single + both, None)
+    assert "| student | method | teachers | probe top-1 |" in table
+    assert "| teacher | - | a+b | 93.00 |" in table and "| teacher | - | - | 91.00 |" in table
+    assert "| s | gendd | a+b | 91.00 | 88.00 | -1.00 |" in table  # against the KD of the same teachers
+    assert "| s | gendd | - | 89.00 | 88.00 | -1.00 |" in table
