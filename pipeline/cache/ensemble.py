@@ -41,9 +41,10 @@ def single(cache: Caches) -> Caches:
 
 def cache_metas(cache: Caches, split: str) -> list[CacheMeta]:
     """Every cache's meta (attributes only), checked to share a view plan."""
-    metas = [cache_meta(c, split) for c in cache_list(cache)]
-    for path, meta in zip(cache_list(cache)[1:], metas[1:], strict=True):
-        _same_plan(cache_list(cache)[0], metas[0], path, meta)
+    paths = cache_list(cache)
+    metas = [cache_meta(c, split) for c in paths]
+    for path, meta in zip(paths[1:], metas[1:], strict=True):
+        _same_plan(paths[0], metas[0], path, meta)
     return metas
 
 
@@ -117,15 +118,9 @@ def open_caches(cache: Caches, split: str, **checks: object) -> FeatureCache | T
     return TeacherEnsemble([open_cache(c, split, **checks) for c in caches])
 
 
-def teacher_count(store: FeatureCache | TeacherEnsemble | None) -> int:
-    """How many teachers' outputs a store's logits hold side by side."""
-    return 0 if store is None else getattr(store, "teachers", 1)
-
-
 def readout(store: FeatureCache | TeacherEnsemble) -> tuple[np.ndarray, np.ndarray]:
     """(W, b) that map (generated) teacher features to logits: the teacher's classifier, or for an ensemble the mean
     of the teachers' classifiers' logits on their own features (W_t / T side by side, the mean bias)."""
-    t = teacher_count(store)
-    if t == 1:
+    if store.teachers == 1:
         return store.head_weight, store.head_bias
-    return np.asarray(store.head_weight, np.float32) / t, store.head_bias
+    return np.asarray(store.head_weight, np.float32) / store.teachers, store.head_bias

@@ -227,6 +227,7 @@ class FeatureCache:
         self.complete = bool(attrs.get("complete"))
         self.n, self.K = int(self.meta.dataset["n"]), int(self.meta.views["K"])
         self.feature_dim = int(self.meta.teacher["feature_dim"])
+        self.teachers, self.teacher_dims, self.caches = 1, (self.feature_dim,), [self]  # several: cache/ensemble.py
         self.num_classes = int(self.meta.teacher["num_classes"])
         self.chunk_size, self.n_chunks = store.chunk_size, store.n_chunks
         if self.chunk_size < 1 or self.n_chunks != -(-self.n // self.chunk_size):

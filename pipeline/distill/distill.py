@@ -70,12 +70,13 @@ def _input_size(cfg: DistillConfig) -> int:
 
 
 def _check_cache_views(cfg: DistillConfig) -> None:
-    for meta in cache_metas(cfg.cache, "train"):  # several: checked to share one view plan first
+    metas = cache_metas(cfg.cache, "train")  # several: checked to share one view plan first
+    for path, meta in zip(cache_list(cfg.cache), metas, strict=True):
         policy = meta.views.get("policy", {})
         if policy.get("kind") in POLICIES:
             continue
         raise GenddError(
-            f"cache {cfg.cache} uses view policy {policy.get('kind')!r}, which this gendd cannot replay; "
+            f"cache {path} uses view policy {policy.get('kind')!r}, which this gendd cannot replay; "
             "re-run gendd extract with one of " + ", ".join(POLICIES)
         )
 

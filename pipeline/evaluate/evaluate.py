@@ -27,7 +27,8 @@ from pipeline.outputs import check_writable, save_figure, write_json
 from pipeline.train.probe import Tally
 
 if TYPE_CHECKING:
-    from pipeline.cache.ensemble import Caches
+    from pipeline.cache.ensemble import Caches, TeacherEnsemble
+    from pipeline.cache.store import FeatureCache
 
 # What `dvc metrics show` / `dvc exp show` list per run: the accuracies, rounded; the rest is in details.json.
 SHOWN_METRICS = ("probe_top1", "probe_top5", "generative_top1", "generative_top5", "teacher_top1")
@@ -81,14 +82,13 @@ def _teacher_paths(logits: torch.Tensor, num_classes: int) -> dict[str, torch.Te
     return out | {f"teacher{i + 1}": part for i, part in enumerate(logits.split(num_classes, dim=-1))}
 
 
-def _check_teachers(store: object, card: dict, student_dir: Path) -> None:
+def _check_teachers(store: FeatureCache | TeacherEnsemble, card: dict, student_dir: Path) -> None:
     """Refuse caches of other teachers (or another order) than the student was distilled from."""
-    trained_from = (card["extra"].get("provenance") or {}).get("teacher checkpoint sha256")
-    caches = getattr(store, "caches", [store])
-    used = [c.meta.teacher["checkpoint_sha256"] for c in caches]
-    if trained_from is None or used == (trained_from if isinstance(trained_from, list) else [trained_from]):
+    was = (card["extra"].get("provenance") or {}).get("teacher checkpoint sha256")
+    was = [was] if isinstance(was, str) else was  # one teacher's card records a string, several a list
+    used = [c.meta.teacher["checkpoint_sha256"] for c in store.caches]
+    if was is None or used == was:
         return
-    was = trained_from if isinstance(trained_from, list) else [trained_from]
     raise GenddError(
         f"{store.path} was made by teacher(s) {', '.join(s[:16] for s in used)}, but {student_dir} was distilled from "
         f"{', '.join(s[:16] for s in was)}: evaluate with the cache(s) the student was distilled from, in that order"
@@ -134,8 +134,8 @@ def run_evaluation(
         store = open_caches(cache, split, spec_hash=index.spec_hash)
         _check_teachers(store, card, student_dir)  # the generative path would sample another teacher
         teacher_head = tuple(torch.from_numpy(a).float() for a in readout(store))
-        if len(caches := getattr(store, "caches", [])) > 1:
-            metrics["teachers"] = [c.meta.teacher["name"] for c in caches]
+        if store.teachers > 1:
+            metrics["teachers"] = [c.meta.teacher["name"] for c in store.caches]
     use_sampling = sampling if student.head is not None and teacher_head is not None else None
     student = student.to(dev).eval()
     probes, refit_details, scoring_seconds = {}, {}, 0.0

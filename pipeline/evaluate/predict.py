@@ -93,7 +93,7 @@ def eval_batches(
 ) -> tuple[int, Iterator[dict[str, torch.Tensor]]]:
     """(samples, batches) of a split for evaluation: images, labels and (with a cache) the teacher's view-0 logits,
     held in memory or streamed (`options.mode`; auto: estimated and printed)."""
-    from pipeline.cache.ensemble import open_caches, teacher_count
+    from pipeline.cache.ensemble import open_caches
     from pipeline.data.shards import key_array, load_index, load_split
     from pipeline.train.input import choose_mode, footprint
     from pipeline.train.stream import stream_eval_batches
@@ -102,7 +102,7 @@ def eval_batches(
     store = None
     if cache is not None:
         store = open_caches(cache, split, spec_hash=index.spec_hash, shards=index.split(split))
-    sizes = footprint(index, split, 1, 0, store.num_classes * teacher_count(store) if store else 0)
+    sizes = footprint(index, split, 1, 0, store.num_classes * store.teachers if store else 0)
     mode, line = choose_mode(options.mode, sizes, device, split)
     print(line, flush=True)
     if mode == "stream":

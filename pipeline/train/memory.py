@@ -132,7 +132,7 @@ class MemoryInput:
 
 def load_train_data(shards: str | Path, cache: Caches, split: str = "train") -> TrainData:
     """Shards of a split held in memory, joined with the feature cache(s) (float16) when given."""
-    from pipeline.cache.ensemble import open_caches, teacher_count
+    from pipeline.cache.ensemble import open_caches
     from pipeline.data.shards import key_array
 
     index = load_index(shards)
@@ -146,7 +146,7 @@ def load_train_data(shards: str | Path, cache: Caches, split: str = "train") -> 
     if not np.array_equal(store.keys, key_array(data.keys)):
         raise GenddError(f"cache {store.path} was extracted from other samples than {shards}; re-run gendd extract")
     k, n = store.K, store.n
-    out.teachers, out.teacher_dims = teacher_count(store), getattr(store, "teacher_dims", (store.feature_dim,))
+    out.teachers, out.teacher_dims = store.teachers, store.teacher_dims
     out.features = torch.empty((n, k, store.feature_dim), dtype=torch.float16)
     out.logits = torch.empty((n, k, store.num_classes * out.teachers), dtype=torch.float16)
     out.views = torch.empty((n, k, 5), dtype=torch.float32)

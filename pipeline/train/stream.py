@@ -286,7 +286,7 @@ class _Loader:
 
 def _open_source(shards: str | Path, cache: Caches, split: str) -> tuple[_Shards, InputInfo]:
     """Shards and cache(s) of a split, checked to be aligned chunk for shard, and what they describe."""
-    from pipeline.cache.ensemble import open_caches, teacher_count
+    from pipeline.cache.ensemble import open_caches
 
     index = load_index(shards)
     shard_set = index.split(split)
@@ -316,7 +316,7 @@ def _open_source(shards: str | Path, cache: Caches, split: str) -> tuple[_Shards
         info.num_views, info.feature_dim, info.num_classes = store.K, store.feature_dim, store.num_classes
         info.head_weight = torch.from_numpy(np.asarray(store.head_weight, np.float32))
         info.head_bias = torch.from_numpy(np.asarray(store.head_bias, np.float32))
-        info.teachers, info.teacher_dims = teacher_count(store), getattr(store, "teacher_dims", (store.feature_dim,))
+        info.teachers, info.teacher_dims = store.teachers, store.teacher_dims
     return _Shards(shard_set, store, info.image_size), info
 
 
